@@ -1,0 +1,32 @@
+"""Sphinx extension for the API reference.
+
+bnlib's docstrings are written to be read in a terminal (``help()``, CS231n-style "Inputs/Returns" blocks
+with shapes and plain-text math), not as reStructuredText. This hook shows each docstring verbatim as a
+literal block, so nothing in it can break the warnings-as-errors build, and turns every
+"Defined in: chapters/NN_x.ipynb" into a link to that chapter, placed above the block.
+"""
+
+import re
+
+CHAPTER = re.compile(r"chapters/(\w+)\.ipynb")
+
+
+def _verbatim_with_links(app, what, name, obj, options, lines):
+    if not any(line.strip() for line in lines):
+        return
+    links = []
+    for line in lines:
+        if "Defined in" in line or "used in" in line:
+            for chapter in CHAPTER.findall(line):
+                if chapter not in links:
+                    links.append(chapter)
+    head = []
+    if links:
+        head = ["Defined in " + ", ".join(f":doc:`/chapters/{c}`" for c in links) + ".", ""]
+    body = [("    " + line) if line.strip() else "" for line in lines]
+    lines[:] = [*head, "::", "", *body, ""]
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _verbatim_with_links)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
