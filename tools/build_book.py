@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.only:
         name = a.only.removesuffix(".ipynb")
         toc = tmpdir / "_toc.yml"
-        toc.write_text(f"format: jb-book\nroot: index\nchapters:\n  - file: {name}\n  - file: chapters/references\n")
+        toc.write_text(f"format: jb-book\nroot: {name}\nchapters:\n  - file: chapters/references\n")
         out = Path(tempfile.gettempdir()) / ("bnbook-only-" + Path(name).name)
         extra += ["--toc", str(toc)]
     if a.student:
