@@ -134,7 +134,7 @@ def test_silent():
         (over_features, "case A", ["over the features of each example", "LayerNorm"]),
         (eps_outside, "case A", ["eps is outside the square root"]),
         (no_affine, "case A", ["you forgot gamma and beta"]),
-        (axis0_only, "case C", ["reduced over axis 0 only", "N * H * W"]),
+        (axis0_only, "case C", ["reduced over axis 0 only", "N * prod(spatial)"]),
         (no_sqrt, "case A", ["forgot the square root"]),
         (unbiased_and_no_affine, "case A", ["unbiased variance", "you forgot gamma and beta"]),
     ],
