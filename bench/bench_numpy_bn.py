@@ -1,0 +1,135 @@
+"""Benchmark: bnlib.numpy_bn forward+backward against torch's native CPU batch norm.
+
+Defined in chapter: chapters/03_bn_backward.ipynb (the table is shown in the book)
+
+Side by side in one run, on the same float32 batch (256, 64, 28, 28) (quick mode: (64, 64, 28, 28)):
+  np.copyto                  a plain memory copy of the array (bandwidth reference)
+  torch fwd / fwd+bwd        torch.nn.functional.batch_norm(training=True), backward via
+                             torch.autograd.grad (no gradient accumulation)
+  bnlib fwd / fwd+bwd        batch_norm_forward, then batch_norm_backward
+  naive NumPy fwd+bwd        the textbook NumPy code with full-size temporaries
+The timed calls are interleaved round-robin, so machine noise hits all rows alike, and
+the median of the repeats is reported. GB/s = bytes of x / median time. ratio = median /
+median of torch fwd+bwd.
+
+Usage: python bench/bench_numpy_bn.py [--quick] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bnlib.numpy_bn import batch_norm_backward, batch_norm_forward  # noqa: E402
+
+FULL_SHAPE = (256, 64, 28, 28)
+QUICK_SHAPE = (64, 64, 28, 28)
+
+
+def naive_forward_backward(x, gamma, beta, dy, eps=1e-5):
+    """Textbook NumPy batch norm: every step makes a full-size temporary."""
+    axes = (0, 2, 3)
+    g, b = gamma[:, None, None], beta[:, None, None]
+    mu = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True)
+    x_hat = (x - mu) / np.sqrt(var + eps)
+    y = g * x_hat + b
+    dbeta = dy.sum(axis=axes)
+    dgamma = (dy * x_hat).sum(axis=axes)
+    dx = g / np.sqrt(var + eps) * (dy - dy.mean(axis=axes, keepdims=True)
+                                   - x_hat * (dy * x_hat).mean(axis=axes, keepdims=True))
+    return y, dx, dgamma, dbeta
+
+
+def main(quick=False, threads=None):
+    """Run the benchmark; returns the table as a list of dicts and prints it as Markdown.
+
+    Each row: name, threads, median_ms, gb_s, ratio_to_torch.
+    quick=True: smaller batch (64, 64, 28, 28) and fewer repeats (a few seconds).
+    threads: torch threads (default: all CPUs); the NumPy rows are single-threaded.
+    """
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    shape = QUICK_SHAPE if quick else FULL_SHAPE
+    repeats = 7 if quick else 21
+    rng = np.random.default_rng(0)
+    C = shape[1]
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    gamma = rng.standard_normal(C, dtype=np.float32)
+    beta = rng.standard_normal(C, dtype=np.float32)
+    copy_out = np.empty_like(x)
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+    dyt = torch.from_numpy(dy)
+    gt = torch.from_numpy(gamma).requires_grad_(True)
+    bt = torch.from_numpy(beta).requires_grad_(True)
+
+    def torch_fwd():
+        with torch.no_grad():
+            torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True)
+
+    def torch_fwd_bwd():
+        y = torch.nn.functional.batch_norm(xt, None, None, gt, bt, training=True)
+        torch.autograd.grad(y, (xt, gt, bt), dyt)
+
+    def bnlib_fwd():
+        batch_norm_forward(x, gamma, beta)
+
+    def bnlib_fwd_bwd():
+        _, cache = batch_norm_forward(x, gamma, beta)
+        batch_norm_backward(dy, cache)
+
+    cases = [
+        ("np.copyto (memory copy)", 1, lambda: np.copyto(copy_out, x)),
+        ("torch forward", threads, torch_fwd),
+        ("torch forward+backward", threads, torch_fwd_bwd),
+        ("bnlib forward", 1, bnlib_fwd),
+        ("bnlib forward+backward", 1, bnlib_fwd_bwd),
+        ("naive NumPy forward+backward", 1, lambda: naive_forward_backward(x, gamma, beta, dy)),
+    ]
+    times = {name: [] for name, _, _ in cases}
+    for _, _, fn in cases:  # warm-up (page faults, allocator, thread pool)
+        fn()
+    for _ in range(repeats):
+        for name, _, fn in cases:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    torch_ms = 1e3 * float(np.median(times["torch forward+backward"]))
+    rows = []
+    for name, nthreads, _ in cases:
+        ms = 1e3 * float(np.median(times[name]))
+        rows.append({
+            "name": name,
+            "threads": nthreads,
+            "median_ms": round(ms, 2),
+            "gb_s": round(x.nbytes / (ms * 1e-3) / 1e9, 2),
+            "ratio_to_torch": round(ms / torch_ms, 2),
+        })
+
+    print(f"x: {shape} float32, {x.nbytes / 1e6:.1f} MB; {repeats} repeats (median); "
+          f"torch {torch.__version__} with {threads} thread(s), NumPy {np.__version__} single-threaded")
+    print()
+    print("| operation | threads | median ms | GB/s of x | ratio to torch fwd+bwd |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['threads']} | {r['median_ms']:.1f} | {r['gb_s']:.2f} "
+              f"| {r['ratio_to_torch']:.2f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small batch, few repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPUs)")
+    args = parser.parse_args()
+    main(quick=args.quick, threads=args.threads)
