@@ -176,17 +176,20 @@ def numgrad(f, x, h, *, scheme="central", divide=2.0, step=None, restore="exact"
     indices = range(x.shape[0]) if flat_only else np.ndindex(x.shape)
     for i in indices:
         old = x[i]
+        if restore == "add":  # the add-back pattern: x[i] += h; x[i] -= 2h; x[i] += h (not exact)
+            x[i] += step
+            fp = f(x)
+            x[i] -= 2 * step
+            fm = f(x)
+            x[i] += step
+            grad[i] = (fp - fm) / (divide * step)
+            continue
         x[i] = old + step
         fp = f(x)
-        if scheme == "central":
-            x[i] = old - step
-        else:
-            x[i] = old
+        x[i] = old - step if scheme == "central" else old
         fm = f(x)
         if restore == "exact":
             x[i] = old
-        elif restore == "add":
-            x[i] = x[i] + step if scheme == "central" else x[i]
         grad[i] = (fp - fm) / (divide * step if scheme == "central" else step)
     return grad
 
