@@ -1,0 +1,403 @@
+"""Why normalize? Conditioning of least squares and a deep sigmoid network whose hidden inputs drift.
+
+Two small laboratories for the first chapter:
+
+* least squares with gradient descent: the Hessian, its condition number, the iterations gradient
+  descent needs with the best constant step size, and the path it takes;
+* a fully connected sigmoid network in NumPy (the architecture of Ioffe & Szegedy's Figure 1) whose
+  forward pass records every layer's input and pre-activation, so a chapter can watch the distributions
+  that batch normalization will later pin down.
+
+Defined in: chapters/01_why_normalize.ipynb
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "least_squares_loss",
+    "least_squares_grad",
+    "least_squares_hessian",
+    "condition_number",
+    "best_constant_step",
+    "gd_iterations_bound",
+    "gradient_descent",
+    "gd_relative_gap",
+    "gd_iterations",
+    "load_mnist_numpy",
+    "sigmoid",
+    "sigmoid_saturation_threshold",
+    "SigmoidMLP",
+    "DriftRecord",
+    "train_with_recording",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Least squares and gradient descent
+# --------------------------------------------------------------------------------------------------
+
+
+def least_squares_loss(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """L(w) = 1/(2n) ||X w - y||^2 for X of shape (n, d), y of shape (n,), w of shape (d,).
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    r = X @ w - y
+    return float(r @ r / (2 * len(y)))
+
+
+def least_squares_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Gradient of :func:`least_squares_loss`: X^T (X w - y) / n, shape (d,).
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    return X.T @ (X @ w - y) / len(y)
+
+
+def least_squares_hessian(X: np.ndarray) -> np.ndarray:
+    """Hessian of :func:`least_squares_loss`: H = X^T X / n, shape (d, d), independent of w and y.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    return X.T @ X / len(X)
+
+
+def condition_number(H: np.ndarray) -> float:
+    """kappa(H) = lambda_max / lambda_min of a symmetric positive definite matrix.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    lam = np.linalg.eigvalsh(H)
+    if lam[0] <= 0:
+        raise ValueError(f"H is not positive definite (smallest eigenvalue {lam[0]:.3g})")
+    return float(lam[-1] / lam[0])
+
+
+def best_constant_step(H: np.ndarray) -> float:
+    """The constant step size that minimises GD's worst-case contraction on a quadratic: 2 / (lam_min + lam_max).
+
+    Any step below 2 / lam_max converges; this one gives the contraction factor (kappa - 1) / (kappa + 1).
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    lam = np.linalg.eigvalsh(H)
+    return float(2.0 / (lam[0] + lam[-1]))
+
+
+def gd_iterations_bound(kappa: float, tol: float) -> int:
+    """The smallest k with rho^(2k) <= tol, rho = (kappa - 1)/(kappa + 1): an upper bound on best-step GD's iterations.
+
+    With the step 2 / (lam_min + lam_max), every eigen-component of the error w_k - w* shrinks by at least
+    rho per step, so the relative loss gap (L(w_k) - L*) / (L(w_0) - L*) = sum_i lam_i e_i^2 rho_i^(2k) / sum_i
+    lam_i e_i^2 is at most rho^(2k). Roughly k = (kappa / 4) ln(1 / tol) for large kappa.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    rho = (kappa - 1.0) / (kappa + 1.0)
+    if rho <= 0.0:
+        return 1
+    return int(np.ceil(np.log(tol) / (2.0 * np.log(rho))))
+
+
+def gradient_descent(
+    X: np.ndarray,
+    y: np.ndarray,
+    lr: float,
+    w0: np.ndarray | None = None,
+    tol: float = 1e-8,
+    max_steps: int = 100_000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient descent on :func:`least_squares_loss` until the relative loss gap is below ``tol``.
+
+    Stops at the first k with (L(w_k) - L*) / (L(w_0) - L*) <= tol, where L* comes from the exact
+    least-squares solution. Returns ``(path, gaps)``: the iterates w_0..w_k, shape (k+1, d), and the relative
+    loss gaps, shape (k+1,). ``len(path) - 1`` is the number of iterations. Raises RuntimeError if
+    ``max_steps`` are not enough (for example a step size above 2 / lam_max, where GD diverges).
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    d = X.shape[1]
+    w = np.zeros(d) if w0 is None else np.asarray(w0, dtype=float).copy()
+    w_star = np.linalg.lstsq(X, y, rcond=None)[0]
+    L_star = least_squares_loss(X, y, w_star)
+    gap0 = least_squares_loss(X, y, w) - L_star
+    path, gaps = [w.copy()], [1.0]
+    for _ in range(max_steps):
+        if gaps[-1] <= tol:
+            return np.array(path), np.array(gaps)
+        w = w - lr * least_squares_grad(X, y, w)
+        path.append(w.copy())
+        gaps.append((least_squares_loss(X, y, w) - L_star) / gap0)
+    raise RuntimeError(f"gradient descent did not reach tol={tol:g} in {max_steps} steps (gap {gaps[-1]:.3g})")
+
+
+def _gap_terms(X, y, lr, w0):
+    lam, V = np.linalg.eigh(least_squares_hessian(X))
+    w_star = np.linalg.lstsq(X, y, rcond=None)[0]
+    e0 = (np.zeros(X.shape[1]) if w0 is None else np.asarray(w0, dtype=float)) - w_star
+    a = lam * (V.T @ e0) ** 2
+    log_r = 2.0 * np.log(np.maximum(np.abs(1.0 - lr * lam), 1e-300))
+    if np.any((a > 0) & (log_r >= 0)):
+        raise RuntimeError(f"lr={lr:g} is not a stable step (2 / lam_max = {2 / lam[-1]:.4g})")
+    return a / a.sum(), log_r
+
+
+def gd_relative_gap(X: np.ndarray, y: np.ndarray, lr: float, k, w0: np.ndarray | None = None) -> np.ndarray:
+    """The relative loss gap (L(w_k) - L*) / (L(w_0) - L*) of :func:`gradient_descent` after k steps, in closed form.
+
+    On a quadratic the error e_k = w_k - w* evolves as e_k = (I - lr H)^k e_0, so in H's eigenbasis
+    (eigenvalues lam_i, components c_i of e_0) the gap is sum_i lam_i c_i^2 (1 - lr lam_i)^(2k) / sum_i lam_i c_i^2.
+    ``k`` may be an int or an array of ints; the result has its shape. Raises RuntimeError for an unstable step.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    a, log_r = _gap_terms(X, y, lr, w0)
+    k = np.asarray(k, dtype=float)
+    return (a * np.exp(k[..., None] * log_r)).sum(axis=-1)
+
+
+def gd_iterations(X: np.ndarray, y: np.ndarray, lr: float, tol: float = 1e-8, w0: np.ndarray | None = None,
+                  max_steps: int = 10**9) -> int:
+    """The iterations :func:`gradient_descent` needs to reach ``tol``, computed in closed form instead of by running it.
+
+    Uses :func:`gd_relative_gap`, which is non-increasing in k for a stable step: the first k with gap <= tol
+    is found by doubling and bisection. Useful when kappa is so large that running GD would take minutes.
+    Raises RuntimeError for an unstable step or if ``tol`` is not reached in ``max_steps``.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    a, log_r = _gap_terms(X, y, lr, w0)
+
+    def gap(k: int) -> float:
+        return float(np.sum(a * np.exp(k * log_r)))
+
+    if gap(0) <= tol:
+        return 0
+    hi = 1
+    while gap(hi) > tol:
+        hi *= 2
+        if hi > 2 * max_steps:
+            raise RuntimeError(f"gradient descent would need more than {max_steps} steps")
+    lo = hi // 2  # gap(lo) > tol >= gap(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if gap(mid) > tol else (lo, mid)
+    return hi
+
+
+# --------------------------------------------------------------------------------------------------
+# MNIST as NumPy arrays (no torch import needed)
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_mnist_numpy(root: str | os.PathLike | None = None, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST images (N, 784) and labels (N,) as uint8 arrays, read from the raw IDX files.
+
+    Reads ``<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (the files
+    ``torchvision.datasets.MNIST(root, download=False)`` reads; ``root`` defaults to
+    :func:`bnlib.data.default_root`). Reading them directly keeps a NumPy-only chapter free of the
+    torch/torchvision import cost.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    from bnlib.data import default_root
+
+    raw = Path(default_root() if root is None else root) / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    images = _read_idx(raw / f"{prefix}-images-idx3-ubyte")
+    labels = _read_idx(raw / f"{prefix}-labels-idx1-ubyte")
+    return images.reshape(len(images), -1), labels
+
+
+# --------------------------------------------------------------------------------------------------
+# A deep sigmoid network in NumPy that records what each layer sees
+# --------------------------------------------------------------------------------------------------
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function 1 / (1 + exp(-x)), computed without overflow warnings.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.result_type(x, np.float32), copy=False)
+
+
+def sigmoid_saturation_threshold(c: float = 0.1) -> float:
+    """The |x| beyond which sigmoid'(x) = s(1 - s) falls below ``c`` (0 < c < 1/4).
+
+    Solving s(1 - s) = c gives s = (1 + r)/2 with r = sqrt(1 - 4c), so x = log(s / (1 - s)) = log((1 + r)/(1 - r)).
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    if not 0.0 < c < 0.25:
+        raise ValueError(f"c must lie in (0, 1/4), got {c}")
+    r = np.sqrt(1.0 - 4.0 * c)
+    return float(np.log((1.0 + r) / (1.0 - r)))
+
+
+class SigmoidMLP:
+    """A fully connected network: hidden layers u_k = sigmoid(u_{k-1} W_k + b_k), then linear logits.
+
+    ``sizes`` lists the widths, e.g. ``[784, 100, 100, 100, 10]`` (the network of Ioffe & Szegedy's
+    Figure 1). Weights are drawn from N(0, init_std^2) ("small random Gaussian values"), biases are 0.
+    ``W[k]`` has shape (sizes[k], sizes[k+1]); the loss is the mean softmax cross-entropy.
+
+    The forward pass keeps what each layer sees: ``cache["u"][k]`` is the input of layer k (u_0 = the
+    data) and ``cache["x"][k]`` its pre-activation x_k = u_k W_k + b_k (for a hidden layer, the input to
+    the sigmoid, the quantity plotted in the paper's Figure 1b).
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+
+    def __init__(self, sizes: list[int], init_std: float = 0.1, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.sizes = list(sizes)
+        self.W = [(init_std * rng.standard_normal((a, b))).astype(dtype) for a, b in zip(sizes[:-1], sizes[1:])]
+        self.b = [np.zeros(b, dtype=dtype) for b in sizes[1:]]
+
+    @property
+    def params(self) -> list[np.ndarray]:
+        return self.W + self.b
+
+    def forward(self, u0: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Logits (N, sizes[-1]) and a cache with the layer inputs ``u`` and pre-activations ``x``."""
+        u, xs = [u0], []
+        for k, (W, b) in enumerate(zip(self.W, self.b)):
+            x = u[-1] @ W + b
+            xs.append(x)
+            if k < len(self.W) - 1:
+                u.append(sigmoid(x))
+        return xs[-1], {"u": u, "x": xs}
+
+    @staticmethod
+    def loss_and_dlogits(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+        """Mean softmax cross-entropy and its gradient with respect to the logits."""
+        z = logits - logits.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        n = len(labels)
+        loss = -float(logp[np.arange(n), labels].mean())
+        d = np.exp(logp)
+        d[np.arange(n), labels] -= 1.0
+        return loss, d / n
+
+    def backward(self, cache: dict, dlogits: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Gradients ``(dW, db, dx)``: per layer, of the weights, the biases and the pre-activations x_k."""
+        L = len(self.W)
+        dW, db, dx = [None] * L, [None] * L, [None] * L
+        g = dlogits
+        for k in reversed(range(L)):
+            dx[k] = g
+            dW[k] = cache["u"][k].T @ g
+            db[k] = g.sum(axis=0)
+            if k > 0:
+                u = cache["u"][k]
+                g = (g @ self.W[k].T) * u * (1.0 - u)
+        return dW, db, dx
+
+    def sgd_step(self, dW: list[np.ndarray], db: list[np.ndarray], lr: float) -> None:
+        for W, b, gW, gb in zip(self.W, self.b, dW, db):
+            W -= lr * gW
+            b -= lr * gb
+
+    def accuracy(self, u0: np.ndarray, labels: np.ndarray) -> float:
+        logits, _ = self.forward(u0)
+        return float((logits.argmax(axis=1) == labels).mean())
+
+
+@dataclass
+class DriftRecord:
+    """What :func:`train_with_recording` saw at each recorded step (lists indexed like ``steps``).
+
+    ``percentiles[t]``: the (15, 50, 85)th percentiles of the probe unit's sigmoid input over the probe set;
+    ``input_mean[t][k]`` / ``input_std[t][k]``: per-unit mean / std over the probe set of layer k's input
+    u_k (arrays of shape (sizes[k],)); ``saturation[t][k]``: fraction of hidden layer k's sigmoid inputs with
+    |x| above the threshold; ``grad_rms[t][k]``: root-mean-square of dLoss/dx_k on the last training batch;
+    ``accuracy[t]``: accuracy on the probe set.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+
+    steps: list[int] = field(default_factory=list)
+    percentiles: list[np.ndarray] = field(default_factory=list)
+    input_mean: list[list[np.ndarray]] = field(default_factory=list)
+    input_std: list[list[np.ndarray]] = field(default_factory=list)
+    saturation: list[np.ndarray] = field(default_factory=list)
+    grad_rms: list[np.ndarray] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+
+
+def train_with_recording(
+    net: SigmoidMLP,
+    X: np.ndarray,
+    y: np.ndarray,
+    X_probe: np.ndarray,
+    y_probe: np.ndarray,
+    steps: int,
+    batch_size: int = 60,
+    lr: float = 0.5,
+    record_every: int = 100,
+    probe_layer: int = -1,
+    probe_unit: int = 0,
+    saturation_c: float = 0.1,
+    rng: np.random.Generator | None = None,
+) -> DriftRecord:
+    """Train ``net`` with plain minibatch SGD, recording the hidden distributions every ``record_every`` steps.
+
+    Minibatches are drawn by reshuffling ``X`` each epoch. The probe unit is unit ``probe_unit`` of hidden
+    layer ``probe_layer`` (``-1``: the last hidden layer), whose sigmoid-input percentiles are the paper's
+    Figure 1b. Step 0 (before any update) is always recorded.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    n_hidden = len(net.W) - 1
+    layer = probe_layer % n_hidden
+    thr = sigmoid_saturation_threshold(saturation_c)
+    rec = DriftRecord()
+    order = rng.permutation(len(X))
+    pos = 0
+    last_dx = None
+
+    def record(step: int) -> None:
+        logits, cache = net.forward(X_probe)
+        xs = cache["x"][:n_hidden]
+        rec.steps.append(step)
+        rec.percentiles.append(np.percentile(xs[layer][:, probe_unit], [15, 50, 85]))
+        rec.input_mean.append([u.mean(axis=0) for u in cache["u"]])
+        rec.input_std.append([u.std(axis=0) for u in cache["u"]])
+        rec.saturation.append(np.array([float((np.abs(x) > thr).mean()) for x in xs]))
+        rec.accuracy.append(float((logits.argmax(axis=1) == y_probe).mean()))
+        if last_dx is not None:
+            rec.grad_rms.append(np.array([float(np.sqrt(np.mean(np.square(g, dtype=np.float64)))) for g in last_dx]))
+
+    for step in range(steps + 1):
+        if pos + batch_size > len(X):
+            order, pos = rng.permutation(len(X)), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        logits, cache = net.forward(X[idx])
+        _, dlogits = net.loss_and_dlogits(logits, y[idx])
+        dW, db, last_dx = net.backward(cache, dlogits)
+        if step % record_every == 0:
+            record(step)  # the state before this step's update, with this batch's gradients
+        if step < steps:
+            net.sgd_step(dW, db, lr)
+    return rec

@@ -1,0 +1,199 @@
+"""bnlib.motivation: least-squares conditioning helpers and the recording sigmoid network of chapter 01.
+
+Expected values come from independent computations: finite differences, closed forms, torch autograd.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from bnlib.data import verify_mnist
+from bnlib.motivation import (
+    SigmoidMLP,
+    best_constant_step,
+    condition_number,
+    gd_iterations,
+    gd_iterations_bound,
+    gd_relative_gap,
+    gradient_descent,
+    least_squares_grad,
+    least_squares_hessian,
+    least_squares_loss,
+    load_mnist_numpy,
+    sigmoid,
+    sigmoid_saturation_threshold,
+    train_with_recording,
+)
+
+
+def _problem(seed=0, n=50, d=3):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) * [1.0, 5.0, 0.3][:d] + [1.0, -2.0, 0.5][:d]
+    y = rng.normal(size=n)
+    return X, y
+
+
+def test_gradient_and_hessian_match_finite_differences():
+    X, y = _problem()
+    w = np.array([0.3, -0.2, 1.1])
+    h = 1e-6
+    I = np.eye(3)
+    num_grad = np.array([(least_squares_loss(X, y, w + h * e) - least_squares_loss(X, y, w - h * e)) / (2 * h) for e in I])
+    np.testing.assert_allclose(least_squares_grad(X, y, w), num_grad, rtol=1e-6, atol=1e-8)
+    num_hess = np.stack([(least_squares_grad(X, y, w + h * e) - least_squares_grad(X, y, w - h * e)) / (2 * h) for e in I])
+    np.testing.assert_allclose(least_squares_hessian(X), num_hess, rtol=1e-6, atol=1e-8)
+
+
+def test_condition_number():
+    assert condition_number(np.diag([2.0, 0.5, 1.0])) == pytest.approx(4.0)
+    R = np.array([[1.0, 0.6], [0.6, 1.0]])
+    assert condition_number(R) == pytest.approx(1.6 / 0.4)
+    with pytest.raises(ValueError, match="not positive definite"):
+        condition_number(np.array([[1.0, 2.0], [2.0, 1.0]]))
+
+
+def test_best_step_and_iteration_bound():
+    X, y = _problem()
+    H = least_squares_hessian(X)
+    lam = np.linalg.eigvalsh(H)
+    lr = best_constant_step(H)
+    assert lr == pytest.approx(2 / (lam[0] + lam[-1]))
+    path, gaps = gradient_descent(X, y, lr, tol=1e-8)
+    k = len(path) - 1
+    assert gaps[-1] <= 1e-8 < gaps[-2]
+    assert k <= gd_iterations_bound(condition_number(H), 1e-8)
+    # the end point is the least-squares solution
+    w_star = np.linalg.lstsq(X, y, rcond=None)[0]
+    np.testing.assert_allclose(path[-1], w_star, rtol=1e-3, atol=1e-3)
+    # the relative loss gap never increases with this step
+    assert np.all(np.diff(gaps) <= 1e-15)
+
+
+def test_gd_diverges_above_two_over_lambda_max():
+    X, y = _problem()
+    lam_max = np.linalg.eigvalsh(least_squares_hessian(X))[-1]
+    with pytest.raises(RuntimeError, match="did not reach"):
+        gradient_descent(X, y, 2.05 / lam_max, max_steps=2000)
+
+
+def test_iteration_bound_closed_form():
+    assert gd_iterations_bound(1.0, 1e-6) == 1
+    kappa, tol = 100.0, 1e-6
+    rho = 99 / 101
+    k = gd_iterations_bound(kappa, tol)
+    assert rho ** (2 * k) <= tol < rho ** (2 * (k - 1))
+
+
+def test_sigmoid_stable_and_correct():
+    x = np.linspace(-30, 30, 121)
+    np.testing.assert_allclose(sigmoid(x), 1 / (1 + np.exp(-x)), rtol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = sigmoid(np.array([-1000.0, 0.0, 1000.0]))
+    np.testing.assert_array_equal(s, [0.0, 0.5, 1.0])
+    assert sigmoid(np.ones(3, dtype=np.float32)).dtype == np.float32
+
+
+@pytest.mark.parametrize("c", [0.01, 0.1, 0.2])
+def test_saturation_threshold(c):
+    t = sigmoid_saturation_threshold(c)
+    s = 1 / (1 + np.exp(-t))
+    assert s * (1 - s) == pytest.approx(c)
+    # beyond t the derivative is smaller, inside it is larger
+    for x, cmp in ((t + 0.1, np.less), (t - 0.1, np.greater)):
+        sx = 1 / (1 + np.exp(-x))
+        assert cmp(sx * (1 - sx), c)
+    with pytest.raises(ValueError):
+        sigmoid_saturation_threshold(0.3)
+
+
+def test_mlp_backward_matches_torch_autograd():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    net = SigmoidMLP([7, 5, 4, 3], init_std=0.8, rng=rng, dtype=np.float64)
+    for b in net.b:
+        b[:] = rng.normal(size=b.shape)
+    x = rng.normal(size=(6, 7))
+    labels = np.array([0, 2, 1, 1, 0, 2])
+    logits, cache = net.forward(x)
+    loss, dlogits = net.loss_and_dlogits(logits, labels)
+    dW, db, dx = net.backward(cache, dlogits)
+
+    Wt = [torch.tensor(W, requires_grad=True) for W in net.W]
+    bt = [torch.tensor(b, requires_grad=True) for b in net.b]
+    u = torch.tensor(x)
+    pre = []
+    for k, (W, b) in enumerate(zip(Wt, bt)):
+        z = u @ W + b
+        z.retain_grad()
+        pre.append(z)
+        u = torch.sigmoid(z) if k < len(Wt) - 1 else z
+    loss_t = torch.nn.functional.cross_entropy(u, torch.tensor(labels))
+    loss_t.backward()
+    assert loss == pytest.approx(loss_t.item(), rel=1e-12)
+    for k in range(len(Wt)):
+        np.testing.assert_allclose(dW[k], Wt[k].grad.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(db[k], bt[k].grad.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dx[k], pre[k].grad.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(cache["x"][k], pre[k].detach().numpy(), rtol=1e-12)
+
+
+def test_mlp_records_layer_inputs():
+    net = SigmoidMLP([4, 3, 2], rng=np.random.default_rng(0))
+    x = np.ones((5, 4), dtype=np.float32)
+    logits, cache = net.forward(x)
+    assert logits.shape == (5, 2)
+    assert [u.shape for u in cache["u"]] == [(5, 4), (5, 3)]
+    assert [z.shape for z in cache["x"]] == [(5, 3), (5, 2)]
+    np.testing.assert_allclose(cache["u"][1], 1 / (1 + np.exp(-cache["x"][0])), rtol=1e-6)
+
+
+def test_train_with_recording_learns_and_records():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 10)) * 3
+    labels = rng.integers(0, 3, size=600)
+    X = (centers[labels] + rng.normal(size=(600, 10))).astype(np.float32)
+    net = SigmoidMLP([10, 8, 8, 3], init_std=0.5, rng=np.random.default_rng(1))
+    rec = train_with_recording(net, X[:500], labels[:500], X[500:], labels[500:], steps=400, batch_size=20,
+                               lr=0.5, record_every=100)
+    assert rec.steps == [0, 100, 200, 300, 400]
+    assert all(len(p) == 3 and p[0] <= p[1] <= p[2] for p in rec.percentiles)
+    assert len(rec.grad_rms) == len(rec.saturation) == len(rec.accuracy) == 5
+    assert [m.shape for m in rec.input_mean[0]] == [(10,), (8,), (8,)]
+    assert rec.accuracy[-1] > 0.9 > rec.accuracy[0] + 0.2
+    # the data (layer 0's input) never moves; the hidden layers' inputs do
+    np.testing.assert_array_equal(rec.input_mean[0][0], rec.input_mean[-1][0])
+    assert np.abs(rec.input_mean[-1][1] - rec.input_mean[0][1]).mean() > 0.01
+
+
+@pytest.mark.skipif(any(verify_mnist().values()), reason="MNIST raw files not provisioned (make data)")
+def test_load_mnist_numpy():
+    X, y = load_mnist_numpy(train=True)
+    assert X.shape == (60000, 784) and X.dtype == np.uint8
+    assert y[:5].tolist() == [5, 0, 4, 1, 9]
+    Xt, yt = load_mnist_numpy(train=False)
+    assert Xt.shape == (10000, 784) and yt[:3].tolist() == [7, 2, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gd_iterations_closed_form_equals_running_gd(seed):
+    X, y = _problem(seed)
+    H = least_squares_hessian(X)
+    for lr in (best_constant_step(H), 1.0 / np.linalg.eigvalsh(H)[-1]):
+        for tol in (1e-4, 1e-8):
+            path, _ = gradient_descent(X, y, lr, tol=tol)
+            assert gd_iterations(X, y, lr, tol=tol) == len(path) - 1
+    with pytest.raises(RuntimeError, match="not a stable step"):
+        gd_iterations(X, y, 2.1 / np.linalg.eigvalsh(H)[-1])
+
+
+def test_gd_relative_gap_matches_running_gd():
+    X, y = _problem(4)
+    lr = best_constant_step(least_squares_hessian(X))
+    _, gaps = gradient_descent(X, y, lr, tol=1e-10)
+    ks = np.arange(len(gaps))
+    np.testing.assert_allclose(gd_relative_gap(X, y, lr, ks), gaps, rtol=1e-6, atol=1e-14)
+    assert gd_relative_gap(X, y, lr, 0) == pytest.approx(1.0)
