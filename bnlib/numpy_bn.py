@@ -436,27 +436,28 @@ def batch_norm_backward_staged(dy, cache):
     mu, var, inv_std = (a.reshape(shape) for a in (cache.mu, cache.var, cache.inv_std))
     gamma = 1.0 if cache.gamma is None else cache.gamma.reshape(shape)
 
+    # from y back to x, one node of the forward graph at a time
     # y = gamma * x_hat + beta
     dbeta = dy.sum(axis=axes)
     dgamma = (dy * x_hat).sum(axis=axes)
     dx_hat = dy * gamma
-    if not cache.batch_stats:
-        # x_hat = (x - mu) * inv_std with mu, inv_std constants
+    if not cache.batch_stats:                      # inference: mu and inv_std are constants
+        # x_hat = (x - mu) * inv_std
         dx = dx_hat * inv_std
     else:
-        xmu = x - mu
-        # x_hat = xmu * inv_std                      (two inputs: xmu and inv_std)
-        dxmu = dx_hat * inv_std
+        xmu = x - mu                               # the forward node xmu, recomputed
+        # x_hat = xmu * inv_std
+        dxmu = dx_hat * inv_std                    # path 1 into xmu
         dinv_std = total(dx_hat * xmu)
         # inv_std = (var + eps) ** -0.5
         dvar = -0.5 * inv_std**3 * dinv_std
-        # var = mean(xmu ** 2)                       (second path into xmu)
-        dxmu = dxmu + 2.0 * xmu * dvar / M
-        # xmu = x - mu                               (two inputs: x and mu)
+        # var = mean(xmu ** 2)
+        dxmu = dxmu + 2.0 * xmu * dvar / M         # path 2 into xmu
+        # xmu = x - mu
+        dx = dxmu                                  # path 1 into x
         dmu = -total(dxmu)
-        dx = dxmu
-        # mu = mean(x)                               (second path into x)
-        dx = dx + dmu / M
+        # mu = mean(x)
+        dx = dx + dmu / M                          # path 2 into x
 
     dgamma = None if cache.gamma is None else dgamma.astype(cache.gamma.dtype)
     dbeta = None if cache.beta is None else dbeta.astype(cache.beta.dtype)
@@ -544,12 +545,6 @@ class BatchNorm:
     def forward(self, x):
         """Normalise x of shape (N, C, *spatial); returns y of the same shape and dtype."""
         x = _check_input(x)
-        if x.dtype != self.dtype and not (x.dtype == np.float16 and self.dtype == np.float32):
-            raise RuntimeError(
-                "mixed dtype (CPU): all inputs must share same datatype. "
-                f"(input {x.dtype}, layer {self.dtype}: use x.astype(np.{self.dtype}) "
-                f"or BatchNorm(..., dtype=np.{x.dtype}))"
-            )
         # the same decisions as torch.nn.modules.batchnorm._BatchNorm.forward
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_buffers = not self.training or self.track_running_stats
@@ -563,6 +558,13 @@ class BatchNorm:
         for name, a in (("running_mean", running_mean), ("running_var", running_var),
                         ("weight", self.weight), ("bias", self.bias)):
             _check_channels(name, a, C)
+        # float16 input with float32 parameters is allowed, as in torch ("mixed")
+        if x.dtype != self.dtype and not (x.dtype == np.float16 and self.dtype == np.float32):
+            raise RuntimeError(
+                "mixed dtype (CPU): all inputs must share same datatype. "
+                f"(input {x.dtype}, layer {self.dtype}: use x.astype(np.{self.dtype}) "
+                f"or BatchNorm(..., dtype=np.{x.dtype}))"
+            )
 
         if not use_batch_stats:
             y, self._cache = batch_norm_inference(

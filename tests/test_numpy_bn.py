@@ -316,3 +316,6 @@ def test_float16_input_computed_in_float32():
     assert y.dtype == np.float16 and cache.x_hat.dtype == np.float32
     expected = F.batch_norm(torch.from_numpy(x).float(), None, None, training=True).half()
     assert maxdiff(y, expected) <= 2e-3
+    layer = BatchNorm(C)  # float32 parameters, float16 input: allowed like torch
+    assert layer(x).dtype == np.float16 and layer.running_mean.dtype == np.float32
+    assert layer.backward(np.ones_like(x)).dtype == np.float16 and layer.dweight.dtype == np.float32

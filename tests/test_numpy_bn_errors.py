@@ -160,6 +160,11 @@ def test_mixed_dtype_message_starts_with_torchs():
     assert "float64" in str(info.value) and "dtype=" in str(info.value)  # says what to do
 
 
+def test_mixed_dtype_is_checked_after_batch_size():
+    x = np.ones((1, 3))  # float64 and one value per channel
+    assert_same_error(lambda: torch.nn.BatchNorm1d(3)(torch.from_numpy(x)), lambda: BatchNorm(3)(x))
+
+
 # Mistakes without a torch equivalent (torch tensors cannot be 'int arrays of the wrong
 # shape' in the same way): a clear message naming the dtype or shape and what to do.
 
