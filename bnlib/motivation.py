@@ -34,6 +34,7 @@ __all__ = [
     "sigmoid",
     "sigmoid_saturation_threshold",
     "SigmoidMLP",
+    "BNNoise",
     "DriftRecord",
     "train_with_recording",
 ]
@@ -253,39 +254,57 @@ def sigmoid_saturation_threshold(c: float = 0.1) -> float:
 
 
 class SigmoidMLP:
-    """A fully connected network: hidden layers u_k = sigmoid(u_{k-1} W_k + b_k), then linear logits.
+    """A fully connected network: hidden layers u_k = sigmoid(z_k), then linear logits.
+
+    Without batch normalization the sigmoid input is z_k = u_{k-1} W_k + b_k; with ``bn=True`` it is
+    z_k = BN(u_{k-1} W_k) (training-mode batch normalization from :mod:`bnlib.numpy_bn`, with learned
+    ``gamma[k]``/``beta[k]``; the hidden biases stay 0 because beta replaces them), optionally perturbed as
+    z_k = scale * BN(...) + shift by ``noise`` (the "noisy BatchNorm" of Santurkar et al. 2018).
 
     ``sizes`` lists the widths, e.g. ``[784, 100, 100, 100, 10]`` (the network of Ioffe & Szegedy's
     Figure 1). Weights are drawn from N(0, init_std^2) ("small random Gaussian values"), biases are 0.
     ``W[k]`` has shape (sizes[k], sizes[k+1]); the loss is the mean softmax cross-entropy.
 
     The forward pass keeps what each layer sees: ``cache["u"][k]`` is the input of layer k (u_0 = the
-    data) and ``cache["x"][k]`` its pre-activation x_k = u_k W_k + b_k (for a hidden layer, the input to
-    the sigmoid, the quantity plotted in the paper's Figure 1b).
+    data) and ``cache["x"][k]`` the input of its sigmoid, z_k (the quantity plotted in the paper's Figure 1b;
+    for the output layer, the logits).
 
     Defined in: chapters/01_why_normalize.ipynb
     """
 
     def __init__(self, sizes: list[int], init_std: float = 0.1, rng: np.random.Generator | None = None,
-                 dtype=np.float32):
+                 dtype=np.float32, bn: bool = False):
         rng = np.random.default_rng(0) if rng is None else rng
         self.sizes = list(sizes)
+        self.bn = bn
         self.W = [(init_std * rng.standard_normal((a, b))).astype(dtype) for a, b in zip(sizes[:-1], sizes[1:])]
         self.b = [np.zeros(b, dtype=dtype) for b in sizes[1:]]
+        hidden = sizes[1:-1] if bn else []
+        self.gamma = [np.ones(h, dtype=dtype) for h in hidden]
+        self.beta = [np.zeros(h, dtype=dtype) for h in hidden]
 
-    @property
-    def params(self) -> list[np.ndarray]:
-        return self.W + self.b
+    def forward(self, u0: np.ndarray, noise: list | None = None) -> tuple[np.ndarray, dict]:
+        """Logits (N, sizes[-1]) and a cache with the layer inputs ``u`` and sigmoid inputs ``x``.
 
-    def forward(self, u0: np.ndarray) -> tuple[np.ndarray, dict]:
-        """Logits (N, sizes[-1]) and a cache with the layer inputs ``u`` and pre-activations ``x``."""
-        u, xs = [u0], []
-        for k, (W, b) in enumerate(zip(self.W, self.b)):
-            x = u[-1] @ W + b
+        ``noise`` (BN networks only): one ``(scale, shift)`` pair per hidden layer, arrays broadcastable to
+        (N, width), applied to the BN output before the sigmoid.
+        """
+        from bnlib.numpy_bn import batch_norm_forward
+
+        u, xs, bn_caches = [u0], [], []
+        L = len(self.W)
+        for k in range(L):
+            if k < L - 1 and self.bn:
+                x, c = batch_norm_forward(u[-1] @ self.W[k], self.gamma[k], self.beta[k])
+                bn_caches.append(c)
+                if noise is not None:
+                    x = x * noise[k][0] + noise[k][1]
+            else:
+                x = u[-1] @ self.W[k] + self.b[k]
             xs.append(x)
-            if k < len(self.W) - 1:
+            if k < L - 1:
                 u.append(sigmoid(x))
-        return xs[-1], {"u": u, "x": xs}
+        return xs[-1], {"u": u, "x": xs, "bn": bn_caches, "noise": noise}
 
     @staticmethod
     def loss_and_dlogits(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -298,28 +317,73 @@ class SigmoidMLP:
         d[np.arange(n), labels] -= 1.0
         return loss, d / n
 
-    def backward(self, cache: dict, dlogits: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        """Gradients ``(dW, db, dx)``: per layer, of the weights, the biases and the pre-activations x_k."""
+    def backward(self, cache: dict, dlogits: np.ndarray) -> tuple[list, list, list]:
+        """Gradients ``(dW, db, dx)``: per layer, of the weights, the biases (of gamma and beta in BN layers:
+        ``db[k] = (dgamma, dbeta)``) and the sigmoid inputs x_k (the logits for the last layer)."""
+        from bnlib.numpy_bn import batch_norm_backward
+
         L = len(self.W)
         dW, db, dx = [None] * L, [None] * L, [None] * L
         g = dlogits
         for k in reversed(range(L)):
             dx[k] = g
+            if k < L - 1 and self.bn:
+                if cache["noise"] is not None:
+                    g = g * cache["noise"][k][0]
+                g, dgamma, dbeta = batch_norm_backward(g, cache["bn"][k])
+                db[k] = (dgamma, dbeta)
+            else:
+                db[k] = g.sum(axis=0)
             dW[k] = cache["u"][k].T @ g
-            db[k] = g.sum(axis=0)
             if k > 0:
                 u = cache["u"][k]
                 g = (g @ self.W[k].T) * u * (1.0 - u)
         return dW, db, dx
 
-    def sgd_step(self, dW: list[np.ndarray], db: list[np.ndarray], lr: float) -> None:
-        for W, b, gW, gb in zip(self.W, self.b, dW, db):
+    def sgd_step(self, dW: list[np.ndarray], db: list, lr: float) -> None:
+        for k, (W, gW, gb) in enumerate(zip(self.W, dW, db)):
             W -= lr * gW
-            b -= lr * gb
+            if isinstance(gb, tuple):
+                self.gamma[k] -= lr * gb[0]
+                self.beta[k] -= lr * gb[1]
+            else:
+                self.b[k] -= lr * gb
 
     def accuracy(self, u0: np.ndarray, labels: np.ndarray) -> float:
+        """Fraction of correct predictions (a BN network normalises with the statistics of ``u0`` itself)."""
         logits, _ = self.forward(u0)
         return float((logits.argmax(axis=1) == labels).mean())
+
+
+class BNNoise:
+    """The noise of "noisy BatchNorm": random scale and shift after each BN layer, redrawn at every step.
+
+    In the spirit of Santurkar et al. (2018): i.i.d. noise with a non-zero mean and a non-unit variance whose
+    distribution changes at every training step. :meth:`new_step` draws, for each hidden layer, a mean scale
+    1 + a*U(0, 1), a mean shift a*U(-1, 1) and a spread a*U(0, 1) (a = ``amplitude``); :meth:`sample` then gives
+    every activation of every example a scale ~ N(mean scale, spread^2) and a shift ~ N(mean shift, spread^2),
+    as the list of ``(scale, shift)`` pairs that :meth:`SigmoidMLP.forward` takes.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+
+    def __init__(self, widths: list[int], amplitude: float = 1.0, rng: np.random.Generator | None = None,
+                 dtype=np.float32):
+        self.widths, self.amplitude, self.dtype = list(widths), amplitude, dtype
+        self.rng = np.random.default_rng(0) if rng is None else rng
+        self.new_step()
+
+    def new_step(self) -> None:
+        a, r = self.amplitude, self.rng
+        self.params = [(1.0 + a * r.uniform(), a * r.uniform(-1.0, 1.0), a * r.uniform()) for _ in self.widths]
+
+    def sample(self, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for w, (mean_scale, mean_shift, spread) in zip(self.widths, self.params):
+            scale = mean_scale + spread * self.rng.standard_normal((n, w))
+            shift = mean_shift + spread * self.rng.standard_normal((n, w))
+            out.append((scale.astype(self.dtype), shift.astype(self.dtype)))
+        return out
 
 
 @dataclass
@@ -358,12 +422,16 @@ def train_with_recording(
     probe_unit: int = 0,
     saturation_c: float = 0.1,
     rng: np.random.Generator | None = None,
+    noise: BNNoise | None = None,
 ) -> DriftRecord:
     """Train ``net`` with plain minibatch SGD, recording the hidden distributions every ``record_every`` steps.
 
     Minibatches are drawn by reshuffling ``X`` each epoch. The probe unit is unit ``probe_unit`` of hidden
     layer ``probe_layer`` (``-1``: the last hidden layer), whose sigmoid-input percentiles are the paper's
-    Figure 1b. Step 0 (before any update) is always recorded.
+    Figure 1b. Step 0 (before any update) is always recorded. A BN network normalises the probe set with its
+    own batch statistics. With ``noise`` (a :class:`BNNoise`, BN networks only), every training step draws a
+    new noise distribution; the recorded sigmoid inputs and saturation include that step's noise (what the
+    layers see during training), the recorded accuracy does not.
 
     Defined in: chapters/01_why_normalize.ipynb
     """
@@ -378,6 +446,8 @@ def train_with_recording(
 
     def record(step: int) -> None:
         logits, cache = net.forward(X_probe)
+        if noise is not None:
+            _, cache = net.forward(X_probe, noise=noise.sample(len(X_probe)))
         xs = cache["x"][:n_hidden]
         rec.steps.append(step)
         rec.percentiles.append(np.percentile(xs[layer][:, probe_unit], [15, 50, 85]))
@@ -393,7 +463,9 @@ def train_with_recording(
             order, pos = rng.permutation(len(X)), 0
         idx = order[pos : pos + batch_size]
         pos += batch_size
-        logits, cache = net.forward(X[idx])
+        if noise is not None:
+            noise.new_step()
+        logits, cache = net.forward(X[idx], noise=None if noise is None else noise.sample(len(idx)))
         _, dlogits = net.loss_and_dlogits(logits, y[idx])
         dW, db, last_dx = net.backward(cache, dlogits)
         if step % record_every == 0:

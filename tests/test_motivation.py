@@ -12,6 +12,7 @@ import pytest
 
 from bnlib.data import verify_mnist
 from bnlib.motivation import (
+    BNNoise,
     SigmoidMLP,
     best_constant_step,
     condition_number,
@@ -197,3 +198,70 @@ def test_gd_relative_gap_matches_running_gd():
     ks = np.arange(len(gaps))
     np.testing.assert_allclose(gd_relative_gap(X, y, lr, ks), gaps, rtol=1e-6, atol=1e-14)
     assert gd_relative_gap(X, y, lr, 0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("with_noise", [False, True])
+def test_bn_mlp_backward_matches_torch_autograd(with_noise):
+    """BN before each sigmoid (training-mode batch statistics), optionally with noisy-BN scale and shift."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    net = SigmoidMLP([7, 5, 4, 3], init_std=0.8, rng=rng, dtype=np.float64, bn=True)
+    for g, b in zip(net.gamma, net.beta):
+        g[:] = rng.uniform(0.5, 2.0, size=g.shape)
+        b[:] = rng.normal(size=b.shape)
+    x = rng.normal(size=(6, 7))
+    labels = np.array([0, 2, 1, 1, 0, 2])
+    noise = BNNoise([5, 4], amplitude=0.8, rng=np.random.default_rng(1), dtype=np.float64).sample(6) if with_noise else None
+    logits, cache = net.forward(x, noise=noise)
+    loss, dlogits = net.loss_and_dlogits(logits, labels)
+    dW, db, dx = net.backward(cache, dlogits)
+
+    Wt = [torch.tensor(W, requires_grad=True) for W in net.W]
+    gt = [torch.tensor(g, requires_grad=True) for g in net.gamma]
+    bt = [torch.tensor(b, requires_grad=True) for b in net.beta]
+    u = torch.tensor(x)
+    pre = []
+    for k, W in enumerate(Wt):
+        if k < 2:
+            z = torch.nn.functional.batch_norm(u @ W, None, None, gt[k], bt[k], training=True, eps=1e-5)
+            if noise is not None:
+                z = z * torch.tensor(noise[k][0]) + torch.tensor(noise[k][1])
+            z.retain_grad()
+            pre.append(z)
+            u = torch.sigmoid(z)
+        else:
+            u = u @ W + torch.tensor(net.b[k])
+    loss_t = torch.nn.functional.cross_entropy(u, torch.tensor(labels))
+    loss_t.backward()
+    assert loss == pytest.approx(loss_t.item(), rel=1e-12)
+    for k in range(3):
+        np.testing.assert_allclose(dW[k], Wt[k].grad.numpy(), rtol=1e-9, atol=1e-12)
+    for k in range(2):
+        np.testing.assert_allclose(db[k][0], gt[k].grad.numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(db[k][1], bt[k].grad.numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(dx[k], pre[k].grad.numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(cache["x"][k], pre[k].detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_bn_noise_changes_every_step():
+    noise = BNNoise([3, 2], amplitude=1.0, rng=np.random.default_rng(0))
+    p0 = noise.params
+    s = noise.sample(20000)
+    assert [a.shape for pair in s for a in pair] == [(20000, 3), (20000, 3), (20000, 2), (20000, 2)]
+    for (scale, shift), (mean_scale, mean_shift, spread) in zip(s, p0):
+        assert 1.0 <= mean_scale <= 2.0 and -1.0 <= mean_shift <= 1.0 and 0.0 <= spread <= 1.0
+        assert scale.mean() == pytest.approx(mean_scale, abs=0.03) and scale.std() == pytest.approx(spread, abs=0.03)
+        assert shift.mean() == pytest.approx(mean_shift, abs=0.03)
+    noise.new_step()
+    assert noise.params != p0
+
+
+def test_bn_training_keeps_sigmoid_inputs_normalised():
+    """With BN (no noise, gamma=1, beta=0 at the start) each unit's sigmoid input has batch mean 0, variance ~1."""
+    net = SigmoidMLP([10, 8, 8, 3], init_std=0.5, rng=np.random.default_rng(1), bn=True)
+    x = np.random.default_rng(2).normal(size=(50, 10)).astype(np.float32)
+    _, cache = net.forward(x)
+    for z in cache["x"][:2]:
+        np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-5)
+        np.testing.assert_allclose(z.var(axis=0), 1.0, atol=1e-3)
+    assert net.b[0].tolist() == [0.0] * 8
