@@ -1,0 +1,148 @@
+"""Benchmark: BatchNorm forward+backward on a (256, 64, 28, 28) float32 batch, CPU.
+
+Defined in: chapters/06_bn_pytorch.ipynb
+
+Rows: torch's native kernel (``F.batch_norm``), ``bnlib.torch_bn.batch_norm`` and, when
+importable, the NumPy version ``bnlib.numpy_bn``.  The candidates are timed interleaved
+(round-robin, one call each per round) so that load from other processes hits all rows
+alike; the table reports medians.  "saved bytes" is what autograd keeps for backward,
+measured with ``torch.autograd.graph.saved_tensors_hooks`` (each distinct storage counted
+once); for NumPy it is the bytes of the arrays in the returned cache.
+
+Usage: ``python bench/bench_torch_bn.py [--quick]``; ``main(quick=False)`` returns the rows
+as a list of dicts with keys name, median_ms, gb_per_s, ratio, saved_bytes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+SHAPE = (256, 64, 28, 28)
+
+
+def saved_bytes_of(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn()`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def _torch_step(bn, x, w, b, dy):
+    def step():
+        y = bn(x, None, None, w, b, True, 0.1, 1e-5)
+        torch.autograd.grad(y, (x, w, b), dy)
+
+    def forward_only():
+        return bn(x, None, None, w, b, True, 0.1, 1e-5)
+
+    return step, forward_only
+
+
+def main(quick: bool = False, shape=SHAPE) -> list[dict]:
+    """Time forward+backward of each implementation; returns the table rows."""
+    from bnlib import torch_bn
+
+    repeats = 5 if quick else 15
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).requires_grad_()
+    C = shape[1]
+    w = torch.rand(C, generator=gen).add_(0.5).requires_grad_()
+    b = torch.randn(C, generator=gen).requires_grad_()
+    dy = torch.randn(shape, generator=gen)
+
+    cands = {}
+    saved = {}
+    for name, fn in (
+        ("native F.batch_norm", F.batch_norm),
+        ("bnlib.torch_bn", torch_bn.batch_norm),
+    ):
+        step, fwd = _torch_step(fn, x, w, b, dy)
+        cands[name] = step
+        saved[name] = saved_bytes_of(fwd)
+
+    try:  # optional NumPy row, only if the NumPy chapter's module is present
+        import numpy as np
+        from bnlib import numpy_bn
+
+        xn = x.detach().numpy()
+        gn = w.detach().numpy().reshape(1, C, 1, 1)
+        bn_ = b.detach().numpy().reshape(1, C, 1, 1)
+        dyn = dy.numpy()
+
+        def np_step():
+            y, cache = numpy_bn.batch_norm_forward(xn, gn, bn_, 1e-5)
+            numpy_bn.batch_norm_backward(dyn, cache)
+
+        np_step()
+        _, cache = numpy_bn.batch_norm_forward(xn, gn, bn_, 1e-5)
+        leaves = cache.values() if isinstance(cache, dict) else (
+            cache if isinstance(cache, (tuple, list)) else [cache]
+        )
+        saved["numpy bnlib.numpy_bn"] = sum(
+            a.nbytes for a in leaves if isinstance(a, np.ndarray)
+        )
+        del cache
+        cands["numpy bnlib.numpy_bn"] = np_step
+    except Exception:  # noqa: BLE001 - module absent or different API: skip the row
+        pass
+
+    for fn in cands.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(repeats):
+        for name, fn in cands.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    nbytes = x.numel() * x.element_size()
+    native = statistics.median(times["native F.batch_norm"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append(
+            {
+                "name": name + " fwd+bwd",
+                "median_ms": med * 1e3,
+                "gb_per_s": nbytes / med / 1e9,
+                "ratio": med / native,
+                "saved_bytes": saved[name],
+            }
+        )
+    return rows
+
+
+def to_markdown(rows: list[dict], shape=SHAPE) -> str:
+    nbytes = 4 * int(torch.Size(shape).numel())
+    lines = [
+        f"input {tuple(shape)} float32 = {nbytes / 1e6:.1f} MB, "
+        f"{torch.get_num_threads()} threads",
+        "",
+        "| implementation | median ms | GB/s of input | ratio to native | saved for backward |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['median_ms']:.1f} | {r['gb_per_s']:.2f} | "
+            f"{r['ratio']:.2f} | {r['saved_bytes'] / 1e6:.1f} MB |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    quick = "--quick" in sys.argv[1:]
+    print(to_markdown(main(quick=quick)))
