@@ -127,6 +127,15 @@ def test_bn_checker_diagnoses_batch_axis_only_in_statistics(capsys):
     assert "case 2" in out and "wrong dx" in out and "run over axis 0 only" in out
 
 
+def test_bn_checker_diagnoses_keepdims(capsys):
+    def keepdims(dy, x, g, eps):
+        dx, dgamma, dbeta = bn_backward(dy, x, g, eps)
+        return dx, _bc(dgamma, x), _bc(dbeta, x)
+
+    assert check_bn_backward(keepdims) is False
+    assert "dgamma has shape (1, 4), expected (4,). Return a flat (C,) array" in capsys.readouterr().out
+
+
 def test_bn_checker_diagnoses_dgamma_mistakes(capsys):
     def means(dy, x, g, eps):
         dx, dgamma, dbeta = bn_backward(dy, x, g, eps)

@@ -161,6 +161,8 @@ def _match(yours, variant, which) -> bool:
 def check_bn_backward(fn, verbose: bool = True, tol: float = 1e-8) -> bool:
     """Check a reader's compact batch-norm backward pass.
 
+    Defined in: chapters/03_bn_backward.ipynb (exercise ex-bwd-compact)
+
     fn(dy, x, gamma, eps) -> (dx, dgamma, dbeta), for x of shape (N, C) or (N, C, *spatial), gamma of
     shape (C,), training-mode statistics (biased variance over every axis but 1). The function computes
     the forward statistics it needs from x itself.
@@ -196,7 +198,10 @@ def check_bn_backward(fn, verbose: bool = True, tol: float = 1e-8) -> bool:
                 if label != "dx":
                     hint = (f" Reduce over every axis except the channel axis 1: axis={_axes(x)} here "
                             f"(a shape of {o.shape} means the sum ran over the wrong axes).")
-                    if o.shape == (C,) + x.shape[2:]:
+                    if o.size == C and o.shape != (C,):
+                        hint = (f" Return a flat (C,) array: sum without keepdims, or reshape with "
+                                f"{label}.reshape(-1).")
+                    elif o.shape == (C,) + x.shape[2:]:
                         hint = (f" Your sum ran over axis 0 only; for (N, C, *spatial) input sum over the "
                                 f"spatial axes too: axis={_axes(x)}.")
                 _say(verbose, f"case {k} {name}: {label} has shape {o.shape}, expected {r.shape}.{hint}")
@@ -251,6 +256,8 @@ def _step_of(g, exact):
 
 def check_numerical_gradient(fn, verbose: bool = True) -> bool:
     """Check a reader's numerical gradient by central differences.
+
+    Defined in: chapters/03_bn_backward.ipynb (exercise ex-bwd-numgrad)
 
     fn(f, x, h) -> array of x's shape whose element i is (f(x + h e_i) - f(x - h e_i)) / (2 h), for a
     scalar function f and a float64 array x of any shape. fn must leave x as it found it.
