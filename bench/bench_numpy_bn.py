@@ -5,7 +5,8 @@ Defined in chapter: chapters/03_bn_backward.ipynb (the table is shown in the boo
 Side by side in one run, on the same float32 batch (256, 64, 28, 28) (quick mode: (64, 64, 28, 28)):
   np.copyto                  a plain memory copy of the array (bandwidth reference)
   torch fwd / fwd+bwd        torch.nn.functional.batch_norm(training=True), backward via
-                             torch.autograd.grad (no gradient accumulation)
+                             torch.autograd.grad (no gradient accumulation), on all CPUs
+                             (or --threads) and fwd+bwd also on 1 thread
   bnlib fwd / fwd+bwd        batch_norm_forward, then batch_norm_backward
   naive NumPy fwd+bwd        the textbook NumPy code with full-size temporaries
 The timed calls are interleaved round-robin, so machine noise hits all rows alike, and
@@ -53,7 +54,8 @@ def main(quick=False, threads=None):
 
     Each row: name, threads, median_ms, gb_s, ratio_to_torch.
     quick=True: smaller batch (64, 64, 28, 28) and fewer repeats (a few seconds).
-    threads: torch threads (default: all CPUs); the NumPy rows are single-threaded.
+    threads: torch threads (default: all CPUs); the NumPy rows are single-threaded, and
+    torch forward+backward is also timed on 1 thread when threads > 1.
     """
     threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -95,14 +97,23 @@ def main(quick=False, threads=None):
         ("bnlib forward+backward", 1, bnlib_fwd_bwd),
         ("naive NumPy forward+backward", 1, lambda: naive_forward_backward(x, gamma, beta, dy)),
     ]
+    if threads > 1:  # torch on one thread too, like the NumPy rows
+        cases.insert(3, ("torch forward+backward, 1 thread", 1, torch_fwd_bwd))
     times = {name: [] for name, _, _ in cases}
-    for _, _, fn in cases:  # warm-up (page faults, allocator, thread pool)
+
+    def run(name, nthreads, fn):
+        if name.startswith("torch"):
+            torch.set_num_threads(nthreads)  # outside the timed region
+        t0 = time.perf_counter()
         fn()
+        return time.perf_counter() - t0
+
+    for case in cases:  # warm-up (page faults, allocator, thread pool)
+        run(*case)
     for _ in range(repeats):
-        for name, _, fn in cases:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+        for case in cases:
+            times[case[0]].append(run(*case))
+    torch.set_num_threads(threads)
 
     torch_ms = 1e3 * float(np.median(times["torch forward+backward"]))
     rows = []

@@ -431,7 +431,7 @@ def batch_norm_backward_staged(dy, cache):
     x = cache.x.astype(wd, copy=False)
     shape = [1] * x.ndim
     shape[1] = x.shape[1]                          # (1, C, 1, ...): broadcasts over the axes
-    M = x.size // max(x.shape[1], 1)
+    M = max(x.size // max(x.shape[1], 1), 1)     # values per channel (1 for an empty batch)
     total = lambda a: a.sum(axis=axes, keepdims=True)
     mu, var, inv_std = (a.reshape(shape) for a in (cache.mu, cache.var, cache.inv_std))
     gamma = 1.0 if cache.gamma is None else cache.gamma.reshape(shape)
