@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
         import jupytext
 
         src, dst = map(Path, paths)
-        nb = jupytext.read(src)
+        nb = jupytext.read(src, fmt="md:myst" if src.suffix == ".md" else None)
         apply_policy(nb)
         nbformat.write(nb, dst)
         return
