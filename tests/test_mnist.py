@@ -1,0 +1,149 @@
+"""Tests of bnlib.mnist and bnlib.models: data tensors, batched seeds = independent models, Figure 1 schema, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bnlib import mnist
+from bnlib.models import BatchedMLP, SeedCNN, default_bn_layers, mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+BN_LAYERS = [nn.BatchNorm1d] + ([default_bn_layers()[0]] if default_bn_layers()[0] is not nn.BatchNorm1d else [])
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return mnist.load_mnist(train=False)
+
+
+def test_data_tensors(test_split):
+    images, labels = test_split
+    assert images.shape == (10_000, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (10_000,) and labels.dtype == torch.int64
+    assert set(labels.unique().tolist()) == set(range(10))
+    xb = mnist.binarize(images[:100])
+    assert xb.shape == (100, 784) and xb.dtype == torch.float32
+    assert set(xb.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(xb, (images[:100].reshape(100, -1) > 127.5).float())
+    xs = mnist.standardize(images[:100])
+    assert xs.shape == (100, 1, 28, 28) and xs.dtype == torch.float32
+    # the same numbers as torchvision's ToTensor + Normalize
+    from torchvision import transforms
+    from PIL import Image
+
+    tfm = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mnist.MNIST_MEAN,), (mnist.MNIST_STD,))])
+    ref = tfm(Image.fromarray(images[5].numpy(), mode="L"))
+    torch.testing.assert_close(xs[5], ref, atol=1e-6, rtol=0)
+
+
+def test_batch_indices_epochs_and_seeds():
+    it = list(mnist.batch_indices(10, 3, [0, 1], steps=7))
+    assert len(it) == 7 and all(b.shape == (2, 3) for b in it)
+    epoch = torch.cat([b[0] for b in it[:3]])  # 3 full batches per epoch, the 10th sample dropped
+    assert len(set(epoch.tolist())) == 9
+    assert not torch.equal(it[0][0], it[0][1])  # seeds have their own orders
+    again = list(mnist.batch_indices(10, 3, [0, 1], steps=7))
+    assert all(torch.equal(a, b) for a, b in zip(it, again))
+    single = list(mnist.batch_indices(10, 3, 0, steps=2))
+    assert torch.equal(single[0], it[0][0])  # seed 0's order does not depend on the other seeds
+
+
+@pytest.mark.parametrize("bn_layer", BN_LAYERS, ids=lambda c: c.__module__)
+@pytest.mark.parametrize("bn", [False, True])
+def test_batched_mlp_equals_independent_models(bn, bn_layer):
+    """S seeds trained as one batched model == S separate nn.Sequential MLPs trained on the same batches."""
+    seeds, B, sizes = [3, 4, 5], 8, (20, 7, 6, 5, 4)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(40, sizes[0], generator=gen) > 0.5).float()
+    y = torch.randint(0, sizes[-1], (40,), generator=gen)
+    big = BatchedMLP(seeds, bn=bn, sizes=sizes, init_std=0.3, bn_layer=bn_layer)
+    small = [mlp(bn, sizes, 0.3, torch.Generator().manual_seed(s), bn_layer=nn.BatchNorm1d) for s in seeds]
+    opt_big = torch.optim.SGD(big.parameters(), lr=0.5)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in small]
+    for idx in mnist.batch_indices(40, B, seeds, steps=6):
+        out = big(x[idx])
+        loss = F.cross_entropy(out.reshape(-1, sizes[-1]), y[idx].reshape(-1), reduction="sum") / B
+        opt_big.zero_grad(), loss.backward(), opt_big.step()
+        for s, (m, o) in enumerate(zip(small, opts)):
+            out_s = m(x[idx[s]])
+            torch.testing.assert_close(out[s], out_s, atol=1e-5, rtol=1e-5)
+            o.zero_grad(), F.cross_entropy(out_s, y[idx[s]]).backward(), o.step()
+    big.eval()
+    with torch.no_grad():
+        shared = big(x)  # (N, in) input: the same examples for every seed, running statistics
+        for s, m in enumerate(small):
+            m.eval()
+            torch.testing.assert_close(shared[s], m(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(big.seed_model(s)(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_figure1_schema_and_determinism():
+    cfg = mnist.Figure1Config(steps=40, eval_every=20)
+    images, labels = mnist.load_mnist(False)
+    x, y = mnist.binarize(images[:2000]), labels[:2000]
+    data = (x, y, x[:500], y[:500])
+    runs = [mnist.run_figure1(True, (0, 1), cfg, data, progress=False) for _ in range(2)]
+    res = runs[0]
+    assert res["steps"] == [0, 20, 40]
+    assert len(res["test_accuracy"]) == 2 and all(len(a) == 3 for a in res["test_accuracy"])
+    assert all(len(p) == 3 and all(len(q) == 3 and q[0] <= q[1] <= q[2] for q in p) for p in res["percentiles"])
+    assert runs[0]["test_accuracy"] == runs[1]["test_accuracy"]
+    assert runs[0]["percentiles"] == runs[1]["percentiles"]
+
+
+def test_cli_figure1(tmp_path):
+    out = tmp_path / "fig1.json"
+    proc = subprocess.run([sys.executable, "-m", "bnlib", "figure1", "--steps", "30", "--eval-every", "15",
+                           "--seeds", "0", "1", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    res = json.loads(out.read_text())
+    for key in ("bn", "baseline"):
+        assert res[key]["steps"] == [0, 15, 30]
+        assert len(res[key]["test_accuracy"]) == 2 and len(res[key]["test_accuracy"][0]) == 3
+        assert len(res[key]["percentiles"][1][2]) == 3
+
+
+@pytest.mark.parametrize("bn,position", [(False, "pre"), (True, "pre"), (True, "post")])
+def test_seed_cnn_shapes_and_layout(bn, position):
+    net = SeedCNN(bn=bn, bn_position=position)
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    names = [type(m).__name__ for m in net.modules()]
+    assert names.count("BatchNorm2d") == (2 if bn else 0) and names.count("BatchNorm1d") == (1 if bn else 0)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all((c.bias is None) == (bn and position == "pre") for c in convs)
+    with pytest.raises(ValueError):
+        SeedCNN(bn=True, bn_position="middle")
+
+
+def test_evaluate_train_mode_has_no_side_effect():
+    torch.manual_seed(0)
+    net = SeedCNN(bn=True)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.eval()
+    mnist.evaluate(net, x, y, batch_size=16, train_mode=True)
+    assert not net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_train_cnn_learns_and_is_deterministic():
+    images, labels = mnist.load_mnist(False)
+    x, y = mnist.standardize(images[:1024]), labels[:1024]
+    hists = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = SeedCNN(bn=True)
+        hists.append(mnist.train_cnn(net, x, y, x[:256], y[:256], steps=12, batch_size=32, lr=0.05,
+                                     eval_every=6, progress=False))
+    assert hists[0]["step"] == [6, 12]
+    assert hists[0]["test_accuracy"] == hists[1]["test_accuracy"]
+    assert hists[0]["test_accuracy"][-1] > 0.3
