@@ -11,6 +11,12 @@ which is far less sensitive to other processes on a shared machine.  "saved byte
 measured with ``torch.autograd.graph.saved_tensors_hooks`` (each distinct storage counted
 once); for NumPy it is the bytes of the arrays in the returned cache.
 
+Page faults: the first touch of each fresh 51 MB output (y, dx) costs about as much as
+all the arithmetic.  bnlib asks for transparent huge pages on its own big buffers
+(``torch_bn.USE_HUGEPAGES``, as NumPy does); the row "4 KiB pages" turns that off, which
+is the like-for-like comparison with torch's kernel.  Run with the environment variable
+``THP_MEM_ALLOC_ENABLE=1`` to give torch's allocator (all rows) huge pages too.
+
 Usage: ``python bench/bench_torch_bn.py [--quick]``; ``main(quick=False)`` returns the rows
 as a list of dicts with keys name, median_ms, gb_per_s, ratio (wall), cpu_ms_1thread,
 cpu_ratio_1thread, saved_bytes, threads, repeats.
@@ -18,6 +24,7 @@ cpu_ratio_1thread, saved_bytes, threads, repeats.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -69,9 +76,17 @@ def main(quick: bool = False, shape=SHAPE) -> list[dict]:
 
     cands = {}
     saved = {}
+    def no_hugepages(*args):
+        torch_bn.USE_HUGEPAGES = False
+        try:
+            return torch_bn.batch_norm(*args)
+        finally:
+            torch_bn.USE_HUGEPAGES = True
+
     for name, fn in (
         ("native F.batch_norm", F.batch_norm),
         ("bnlib.torch_bn", torch_bn.batch_norm),
+        ("bnlib.torch_bn, 4 KiB pages", no_hugepages),
     ):
         step, fwd = _torch_step(fn, x, w, b, dy)
         cands[name] = step
@@ -152,7 +167,8 @@ def to_markdown(rows: list[dict], shape=SHAPE) -> str:
     nbytes = 4 * int(torch.Size(shape).numel())
     lines = [
         f"input {tuple(shape)} float32 = {nbytes / 1e6:.1f} MB; wall: {rows[0]['threads']} "
-        f"threads, CPU: 1 thread; medians of {rows[0]['repeats']} interleaved runs",
+        f"threads, CPU: 1 thread; medians of {rows[0]['repeats']} interleaved runs; "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}",
         "",
         "| implementation | wall median ms | GB/s of input | wall ratio to native "
         "| CPU ms (1 thread) | CPU ratio to native | saved for backward |",

@@ -271,13 +271,17 @@ def test_convert_batchnorm_round_trip():
         tb.convert_batchnorm(model, to="numpy")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 def test_training_small_cnn_matches_torch(dtype, tol):
+    """A few SGD steps from the same weights on the same batches.  (With a large learning
+    rate float32 training is chaotic: a single ReLU/max-pool flip caused by a 1e-7
+    difference -- torch float32 vs torch float64 shows the same -- jumps to 1e-4, hence
+    the moderate lr.)"""
     torch.manual_seed(0)
     ref = SmallCNN().to(dtype)
     mine = tb.convert_batchnorm(copy.deepcopy(ref))
     assert _bn_types(mine) == [tb.BatchNorm2d, tb.BatchNorm2d, tb.BatchNorm1d]
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, mine)]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (ref, mine)]
     g = torch.Generator().manual_seed(1)
     for step in range(4):
         x = torch.randn(16, 1, 28, 28, generator=g, dtype=dtype)
