@@ -49,8 +49,11 @@ on inside backward) the compact formula is evaluated with differentiable torch o
 mean/var/x_hat recomputed from the saved x, so second derivatives are right.
 
 Speed: the only input-sized allocations are y (forward) and dx (backward), as in torch's
-kernel; every other pass works in place (fresh 51 MB allocations cost more than a pass,
-because of page faults).  See bench/bench_torch_bn.py.
+kernel; every other pass works in place.  Filling a fresh big tensor costs more than a
+whole arithmetic pass (one page fault per 4 KiB), so on Linux bnlib asks for transparent
+huge pages on these two buffers (``USE_HUGEPAGES``, as NumPy does for its arrays).  With
+4 KiB pages for both, bnlib's forward+backward takes about torch's time; with huge pages
+about half (bench/bench_torch_bn.py, which reports both).
 
 Memory kept for backward: the input x itself (not a copy) plus per-channel mean and
 variance (and the weight).  Nothing input-sized is allocated for autograd.
