@@ -77,11 +77,12 @@ def main(quick: bool = False, shape=SHAPE) -> list[dict]:
     cands = {}
     saved = {}
     def no_hugepages(*args):
+        old = torch_bn.USE_HUGEPAGES
         torch_bn.USE_HUGEPAGES = False
         try:
             return torch_bn.batch_norm(*args)
         finally:
-            torch_bn.USE_HUGEPAGES = True
+            torch_bn.USE_HUGEPAGES = old
 
     for name, fn in (
         ("native F.batch_norm", F.batch_norm),
