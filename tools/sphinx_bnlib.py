@@ -23,8 +23,11 @@ def _verbatim_with_links(app, what, name, obj, options, lines):
     head = []
     if links:
         head = ["Defined in " + ", ".join(f":doc:`/chapters/{c}`" for c in links) + ".", ""]
-    body = [("    " + line) if line.strip() else "" for line in lines]
-    lines[:] = [*head, "::", "", *body, ""]
+    text = [line for line in lines if not (links and line.strip().startswith("Defined in"))]
+    while text and not text[-1].strip():
+        text.pop()
+    body = [("   " + line) if line.strip() else "" for line in text]
+    lines[:] = [*head, ".. code-block:: text", "", *body, ""] if body else head
 
 
 def setup(app):
