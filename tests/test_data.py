@@ -92,3 +92,11 @@ def test_cli_reports_failure_with_exit_code(copy, capsys):
     raw(copy, "t10k-images-idx3-ubyte").unlink()
     assert main(["data", "--root", str(copy), "--sources", "local"]) == 1
     assert "t10k-images-idx3-ubyte: missing" in capsys.readouterr().err
+
+
+def test_mirror_list_matches_torchvision():
+    from torchvision.datasets import MNIST
+
+    from bnlib.data import TORCHVISION_MIRRORS
+
+    assert TORCHVISION_MIRRORS == list(MNIST.mirrors)
