@@ -30,6 +30,21 @@ def _verbatim_with_links(app, what, name, obj, options, lines):
     lines[:] = [*head, ".. code-block:: text", "", *body, ""] if body else head
 
 
+def _offline_scripts(app, pagename, templatename, context, doctree):
+    """Drop sphinx-thebe's scripts (live code needs a Binder server, and its config names a CDN script) and
+    any script included twice (sphinx-thebe declares THEBE_JS_URL twice, a console error on every page)."""
+    seen, kept = set(), []
+    for js in context.get("script_files", []):
+        body = getattr(js, "attributes", {}).get("body", "") if hasattr(js, "attributes") else ""
+        key = (str(js), body)
+        if "thebe" in str(js) or "THEBE_JS_URL" in body or key in seen:
+            continue
+        seen.add(key)
+        kept.append(js)
+    context["script_files"] = kept
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _verbatim_with_links)
+    app.connect("html-page-context", _offline_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
