@@ -5,8 +5,8 @@
     python tools/build_book.py --only chapters/03_bn_backward   # one chapter (plus the landing page), in /tmp
 
 jupyter-cache keys a notebook on its code cells only, so editing ``bnlib/*.py``, ``bench/*.py`` or the lock
-file would not re-execute anything. This wrapper hashes those files and, when the hash changed since the
-last build, clears the execution cache and rebuilds everything.
+file would not re-execute anything. This wrapper hashes those files (content and mtime) and, when the hash
+changed since the last build, clears the execution cache and re-executes every chapter.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def library_hash() -> str:
     """Hash of everything the notebooks import or run that jupyter-cache cannot see."""
     h = hashlib.sha256()
     files = sorted([*ROOT.glob("bnlib/**/*.py"), *ROOT.glob("bench/*.py"), ROOT / "uv.lock"])
-    for f in files:
+    for f in files:  # content and modification time: editing, or just touching, a file re-executes
         h.update(str(f.relative_to(ROOT)).encode())
+        h.update(str(f.stat().st_mtime_ns).encode())
         h.update(f.read_bytes())
     return h.hexdigest()
 
