@@ -130,3 +130,17 @@ def test_sidebar_lists_every_page(site, browser):
     missing = [p for p in PAGES[1:] if p not in listed]
     assert not missing, f"the navigation does not link {missing}"
     tab.close()
+
+
+def test_student_edition_has_exercises_but_no_solutions(site):
+    """`make student` (tools/build_book.py --student): same exercises, every solution gone, code included."""
+    build = subprocess.run([sys.executable, "tools/build_book.py", "--student"], cwd=ROOT, capture_output=True, text=True)
+    assert build.returncode == 0, f"student build failed:\n{build.stdout[-6000:]}\n{build.stderr[-3000:]}"
+    student = ROOT / "_build" / "student" / "_build" / "html"
+    for page in [p for p in PAGES if re.fullmatch(r"chapters/0\d_\w+", p)]:
+        full, stud = (d.joinpath(f"{page}.html").read_text(encoding="utf-8") for d in (HTML, student))
+        n_ex = full.count('class="exercise')
+        assert n_ex >= 4, f"{page}: {n_ex} exercises in the book (4-8 per chapter)"
+        assert stud.count('class="exercise') == n_ex, f"{page}: the student edition lost exercises"
+        assert full.count('class="solution') == n_ex, f"{page}: every exercise has a solution in the book"
+        assert 'class="solution' not in stud and "solution-content" not in stud, f"{page}: solution in student edition"

@@ -81,17 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tempfile.gettempdir()) / ("bnbook-only-" + Path(name).name)
         extra += ["--toc", str(toc)]
     if a.student:
-        cfg = tmpdir / "_config.yml"
+        cfg = ROOT / "_config.student.yml"  # beside _config.yml: relative paths in it resolve from its folder
         text = (ROOT / "_config.yml").read_text().replace("hide_solutions: false", "hide_solutions: true")
-        assert "hide_solutions: true" in text
+        # reuse the main build's execution cache: the student edition differs in rendering only
+        text = text.replace('cache: ""', f'cache: "{ROOT / "_build" / ".jupyter_cache"}"')
+        assert "hide_solutions: true" in text and ".jupyter_cache" in text
         cfg.write_text(text)
         extra += ["--config", str(cfg)]
         out = ROOT / "_build" / "student"
-    stamp = out / "_build" / ".library-hash"
+    stamp = (ROOT if a.student else out) / "_build" / ".library-hash"
     digest = library_hash()
     if not stamp.is_file() or stamp.read_text() != digest:
-        shutil.rmtree(out / "_build" / ".jupyter_cache", ignore_errors=True)
-        if (out / "_build").exists():
+        shutil.rmtree(stamp.parent / ".jupyter_cache", ignore_errors=True)
+        if stamp.parent.exists():
             print("bnlib, bench/ or uv.lock changed: execution cache cleared, re-executing every chapter")
             extra.append("--all")
     rc = jb([*extra, "--path-output", str(out)])
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         stamp.write_text(digest)
         print(f"Book built in {time.perf_counter() - t0:.0f} s: {out / '_build' / 'html' / 'index.html'}")
     shutil.rmtree(tmpdir, ignore_errors=True)
+    if a.student:
+        cfg.unlink()
     return rc
 
 

@@ -8,6 +8,8 @@ literal block, so nothing in it can break the warnings-as-errors build, and turn
 
 import re
 
+from sphinx.transforms import SphinxTransform
+
 CHAPTER = re.compile(r"chapters/(\w+)\.ipynb")
 
 
@@ -44,7 +46,32 @@ def _offline_scripts(app, pagename, templatename, context, doctree):
     context["script_files"] = kept
 
 
+class RemoveSolutions(SphinxTransform):
+    """The student edition: drop every solution, gated or not, once sphinx-exercise has assembled it."""
+
+    default_priority = 20  # after sphinx-exercise's MergeGatedSolutions (10)
+
+    def apply(self):
+        if not self.config.bnlib_hide_solutions:
+            return
+        from sphinx_exercise.nodes import solution_node
+
+        for node in list(self.document.findall(solution_node)):
+            node.parent.remove(node)
+
+
+def _take_over_hide_solutions(app, config):
+    # sphinx-exercise's own `hide_solutions` drops `solution-start` but keeps `solution-end` (an unknown node
+    # that breaks the HTML writer) and leaves the gated content, code cells included, on the page. Let it
+    # assemble the solutions normally and remove them whole instead.
+    config.bnlib_hide_solutions = bool(config.hide_solutions)
+    config.hide_solutions = False
+
+
 def setup(app):
+    app.add_config_value("bnlib_hide_solutions", False, "env")
+    app.connect("config-inited", _take_over_hide_solutions, priority=900)
+    app.add_transform(RemoveSolutions)
     app.connect("autodoc-process-docstring", _verbatim_with_links)
     app.connect("html-page-context", _offline_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
