@@ -276,19 +276,7 @@ def batch_norm_forward(x, gamma, beta, eps=1e-5):
     offset = (-dmean * inv_std).astype(wd)
     x_hat, y = _normalize(x3, shift, offset, inv_std.astype(wd), gamma, beta)
 
-    cache = BNCache(
-        x=x,
-        x_hat=x_hat.reshape(x.shape),
-        mu=(shift + dmean).astype(wd),
-        var=var.astype(wd),
-        inv_std=inv_std.astype(wd),
-        gamma=gamma,
-        beta=beta,
-        eps=eps,
-        axes=(0,) + tuple(range(2, x.ndim)),
-        batch_stats=True,
-    )
-    return y.reshape(x.shape).astype(x.dtype, copy=False), cache
+    return _finish(x, x_hat, y, shift + dmean, var, inv_std, gamma, beta, eps, wd, batch_stats=True)
 
 
 def batch_norm_inference(x, mean, var, gamma, beta, eps=1e-5):
@@ -320,18 +308,14 @@ def batch_norm_inference(x, mean, var, gamma, beta, eps=1e-5):
     var = _per_channel(var, C, np.float64)
     inv_std = 1.0 / np.sqrt(var + eps)
     x_hat, y = _normalize(_as_ncs(x, wd), mu.astype(wd), None, inv_std.astype(wd), gamma, beta)
-    cache = BNCache(
-        x=x,
-        x_hat=x_hat.reshape(x.shape),
-        mu=mu.astype(wd),
-        var=var.astype(wd),
-        inv_std=inv_std.astype(wd),
-        gamma=gamma,
-        beta=beta,
-        eps=eps,
-        axes=(0,) + tuple(range(2, x.ndim)),
-        batch_stats=False,
-    )
+    return _finish(x, x_hat, y, mu, var, inv_std, gamma, beta, eps, wd, batch_stats=False)
+
+
+def _finish(x, x_hat, y, mu, var, inv_std, gamma, beta, eps, wd, batch_stats):
+    """(y, cache) in x's shape and dtype, from the (N, C, S) working arrays and per-channel statistics."""
+    cache = BNCache(x=x, x_hat=x_hat.reshape(x.shape), mu=mu.astype(wd), var=var.astype(wd),
+                    inv_std=inv_std.astype(wd), gamma=gamma, beta=beta, eps=eps,
+                    axes=(0,) + tuple(range(2, x.ndim)), batch_stats=batch_stats)
     return y.reshape(x.shape).astype(x.dtype, copy=False), cache
 
 
