@@ -1,17 +1,22 @@
 """Benchmark: bnlib.numpy_bn forward+backward against torch's native CPU batch norm.
 
-Defined in chapter: chapters/03_bn_backward.ipynb (the table is shown in the book)
+Defined in chapter: chapters/03_bn_backward.ipynb (the table is shown in the book, and in
+chapters/appendix_performance.ipynb)
 
-Side by side in one run, on the same float32 batch (256, 64, 28, 28) (quick mode: (64, 64, 28, 28)):
+Two float32 batches, side by side in one run:
+  (256, 64, 28, 28)  a convolutional layer's feature maps, 51 MB (quick mode: (64, 64, 28, 28))
+  (60, 300)          the size the book trains with: the Figure 1 MLP, three seeds batched
+Rows, for each batch:
   np.copyto                  a plain memory copy of the array (bandwidth reference)
   torch fwd / fwd+bwd        torch.nn.functional.batch_norm(training=True), backward via
                              torch.autograd.grad (no gradient accumulation), on all CPUs
                              (or --threads) and fwd+bwd also on 1 thread
   bnlib fwd / fwd+bwd        batch_norm_forward, then batch_norm_backward
   naive NumPy fwd+bwd        the textbook NumPy code with full-size temporaries
-The timed calls are interleaved round-robin, so machine noise hits all rows alike, and
-the median of the repeats is reported. GB/s = bytes of x / median time. ratio = median /
-median of torch fwd+bwd.
+The timed calls are interleaved round-robin, so machine noise hits all rows alike, and the
+median of the repeats is reported; a small batch is timed as a loop of calls (about 10 ms)
+and reported per call. GB/s = bytes of x / median time. ratio = median / median of torch
+fwd+bwd on the same batch.
 
 Usage: python bench/bench_numpy_bn.py [--quick] [--threads T]
 """
@@ -30,14 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bnlib.numpy_bn import batch_norm_backward, batch_norm_forward  # noqa: E402
 
-FULL_SHAPE = (256, 64, 28, 28)
-QUICK_SHAPE = (64, 64, 28, 28)
+FULL_SHAPES = [(256, 64, 28, 28), (60, 300)]
+QUICK_SHAPES = [(64, 64, 28, 28), (60, 300)]
 
 
 def naive_forward_backward(x, gamma, beta, dy, eps=1e-5):
     """Textbook NumPy batch norm: every step makes a full-size temporary."""
-    axes = (0, 2, 3)
-    g, b = gamma[:, None, None], beta[:, None, None]
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    g, b = gamma.reshape(shape), beta.reshape(shape)
     mu = x.mean(axis=axes, keepdims=True)
     var = x.var(axis=axes, keepdims=True)
     x_hat = (x - mu) / np.sqrt(var + eps)
@@ -49,19 +55,8 @@ def naive_forward_backward(x, gamma, beta, dy, eps=1e-5):
     return y, dx, dgamma, dbeta
 
 
-def main(quick=False, threads=None):
-    """Run the benchmark; returns the table as a list of dicts and prints it as Markdown.
-
-    Each row: name, threads, median_ms, gb_s, ratio_to_torch.
-    quick=True: smaller batch (64, 64, 28, 28) and fewer repeats (a few seconds).
-    threads: torch threads (default: all CPUs); the NumPy rows are single-threaded, and
-    torch forward+backward is also timed on 1 thread when threads > 1.
-    """
-    threads = threads or os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    shape = QUICK_SHAPE if quick else FULL_SHAPE
-    repeats = 7 if quick else 21
-    rng = np.random.default_rng(0)
+def _cases(shape, threads, rng):
+    """(name, torch threads, function) for one float32 batch of the given shape."""
     C = shape[1]
     x = rng.standard_normal(shape, dtype=np.float32)
     dy = rng.standard_normal(shape, dtype=np.float32)
@@ -99,41 +94,65 @@ def main(quick=False, threads=None):
     ]
     if threads > 1:  # torch on one thread too, like the NumPy rows
         cases.insert(3, ("torch forward+backward, 1 thread", 1, torch_fwd_bwd))
-    times = {name: [] for name, _, _ in cases}
+    return x.nbytes, cases
 
-    def run(name, nthreads, fn):
-        if name.startswith("torch"):
-            torch.set_num_threads(nthreads)  # outside the timed region
-        t0 = time.perf_counter()
+
+def _time(name, nthreads, fn, number):
+    """Seconds per call of fn, over a loop of `number` calls."""
+    if name.startswith("torch"):
+        torch.set_num_threads(nthreads)  # outside the timed region
+    t0 = time.perf_counter()
+    for _ in range(number):
         fn()
-        return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / number
 
-    for case in cases:  # warm-up (page faults, allocator, thread pool)
-        run(*case)
-    for _ in range(repeats):
-        for case in cases:
-            times[case[0]].append(run(*case))
+
+def main(quick=False, threads=None):
+    """Run the benchmark; returns the table as a list of dicts and prints it as Markdown.
+
+    Each row: shape, name, threads, median_ms, gb_s, ratio_to_torch (to torch forward+backward
+    on the same shape and on `threads` threads).
+    quick=True: a smaller convolutional batch (64, 64, 28, 28) and fewer repeats (seconds).
+    threads: torch threads (default: all CPUs); the NumPy rows are single-threaded, and
+    torch forward+backward is also timed on 1 thread when threads > 1.
+    """
+    threads = threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    repeats = 7 if quick else 21
+    rng = np.random.default_rng(0)
 
-    torch_ms = 1e3 * float(np.median(times["torch forward+backward"]))
     rows = []
-    for name, nthreads, _ in cases:
-        ms = 1e3 * float(np.median(times[name]))
-        rows.append({
-            "name": name,
-            "threads": nthreads,
-            "median_ms": round(ms, 2),
-            "gb_s": round(x.nbytes / (ms * 1e-3) / 1e9, 2),
-            "ratio_to_torch": round(ms / torch_ms, 2),
-        })
+    for shape in shapes:
+        nbytes, cases = _cases(shape, threads, rng)
+        # warm-up (page faults, allocator, thread pool), and the loop length: about 10 ms a sample
+        number = {name: max(1, round(0.01 / max(_time(name, n, fn, 1), 1e-6))) for name, n, fn in cases}
+        number = {name: min(k, 1000) for name, k in number.items()}
+        times = {name: [] for name, _, _ in cases}
+        for _ in range(repeats):
+            for name, nthreads, fn in cases:
+                times[name].append(_time(name, nthreads, fn, number[name]))
+        torch.set_num_threads(threads)
 
-    print(f"x: {shape} float32, {x.nbytes / 1e6:.1f} MB; {repeats} repeats (median); "
+        torch_ms = 1e3 * float(np.median(times["torch forward+backward"]))
+        for name, nthreads, _ in cases:
+            ms = 1e3 * float(np.median(times[name]))
+            rows.append({
+                "shape": shape,
+                "name": name,
+                "threads": nthreads,
+                "median_ms": round(ms, 4),
+                "gb_s": round(nbytes / (ms * 1e-3) / 1e9, 2),
+                "ratio_to_torch": round(ms / torch_ms, 2),
+            })
+
+    print(f"x: float32, shapes {', '.join(map(str, shapes))}; {repeats} repeats (median); "
           f"torch {torch.__version__} with {threads} thread(s), NumPy {np.__version__} single-threaded")
     print()
-    print("| operation | threads | median ms | GB/s of x | ratio to torch fwd+bwd |")
-    print("|---|---|---|---|---|")
+    print("| x shape | operation | threads | median ms | GB/s of x | ratio to torch fwd+bwd |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['threads']} | {r['median_ms']:.1f} | {r['gb_s']:.2f} "
+        print(f"| {r['shape']} | {r['name']} | {r['threads']} | {r['median_ms']:.3g} | {r['gb_s']:.2f} "
               f"| {r['ratio_to_torch']:.2f} |")
     return rows
 

@@ -20,6 +20,7 @@ themselves, with every per-channel sum accumulated in float64.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -82,7 +83,7 @@ def _mean(a, axes):
 
 def _count(a, axes) -> int:
     """m: the number of values per channel (1 for an empty batch, whose sums are all 0)."""
-    return max(1, int(np.prod([a.shape[i] for i in axes], dtype=np.int64)))
+    return max(1, math.prod(a.shape[i] for i in axes))
 
 
 def _channel(a, like):
