@@ -11,6 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "chapters").glob("*.ipynb"))
 CHECK_TAG = "nbval-check-output"
 
+# Portable outputs (CONTRIBUTING.md): nbval compares a checked cell on every reader's CPU, so its text must not
+# carry digits that legitimately vary from one machine to another.
+# (1) measured magnitudes at rounding level, e.g. an error of 3.1e-07 or 4e-16: their digits depend on the order of
+#     summation. Bounds written as 1e-N ("< 1e-12") are fine.
+ROUNDING_LEVEL = re.compile(r"(?<![\w.])(?!1e-)\d(\.\d+)?e-(0?[5-9]|[1-9]\d)\b")
+# (2) results of float32 training runs: the trajectory depends on the CPU's kernels; guard them with asserts.
+FLOAT32_TRAINING = ("mnist.figure1(", "run_figure1(", "cnn_experiments(", "train_cnn(", "train_with_recording(",
+                    "train_mlp(")
+
 
 def toc_files() -> list[str]:
     def walk(node):
@@ -76,6 +85,8 @@ def test_notebook_hygiene(path):
         assert "tqdm.auto" not in cell.source and "tqdm.notebook" not in cell.source, f"cell {i}: widget tqdm"
         if checked(cell):
             n_checked += 1
+            calls = [f for f in FLOAT32_TRAINING if f in cell.source]
+            assert not calls, f"cell {i}: a checked cell runs float32 training ({calls}); assert on it instead"
             assert cell.outputs, f"cell {i} is tagged {CHECK_TAG} but has no committed output to compare"
             assert cell.execution_count is not None, f"cell {i}: checked outputs need an execution_count"
             for out in cell.outputs:
@@ -86,6 +97,8 @@ def test_notebook_hygiene(path):
                     assert set(out.data) == {"text/plain"}, f"cell {i}: rich output in a checked cell"
                 text = out.get("text", "") or out.get("data", {}).get("text/plain", "")
                 assert not re.search(r"\d+(\.\d+)?\s*(ms|µs|us)\b", text), f"cell {i}: timings are not stable"
+                small = ROUNDING_LEVEL.search(text)
+                assert not small, f"cell {i}: {small[0]} is a rounding-level magnitude; print it unchecked or as a bound"
         else:
             assert not cell.outputs, f"cell {i}: outputs are committed only for {CHECK_TAG} cells (tools/nb.py strip)"
             assert cell.execution_count is None, f"cell {i}: unchecked cells are committed unexecuted"

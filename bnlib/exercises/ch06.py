@@ -57,6 +57,11 @@ _FORWARD_CAUSES = {
 }
 
 
+def _fmt_err(err: float, tol: float) -> str:
+    """An error for a message: its value when it matters, a bound when it is rounding (machine-dependent digits)."""
+    return f"{err:.3g}" if err > tol else f"< {tol:.0e} (rounding)"
+
+
 def _cases():
     g = torch.Generator().manual_seed(11)
     return [
@@ -157,7 +162,7 @@ def check_normalize_function(fn_class, verbose: bool = True) -> bool:
         err_dy = float((ddy - ddy_ref).abs().max())
         if err_x > 100 * tol or err_dy > 100 * tol:
             say(f"case {name}: the second derivative is wrong (backward is not differentiable as written): "
-                f"max |error| {err_x:.3g} in d<dx, v>/dx, {err_dy:.3g} in d<dx, v>/d(dy)")
+                f"max |error| {_fmt_err(err_x, 100 * tol)} in d<dx, v>/dx, {_fmt_err(err_dy, 100 * tol)} in d<dx, v>/d(dy)")
             if float(ddx.abs().max()) == 0.0:
                 say("  likely cause: d<dx, v>/dx is exactly zero: backward uses x_hat or 1/sigma saved from "
                     "forward. forward runs without autograd, so those tensors are constants: dx no longer "
