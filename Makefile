@@ -3,12 +3,19 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 UV     = $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 PYTHON ?= python3
+# Another CPU code path on this machine: torch's portable (non-vector) kernels, MKL and oneDNN capped at AVX2,
+# OpenBLAS's Haswell kernels. `make test` runs nbval on it, so outputs committed on one path are compared with
+# an execution on another (CONTRIBUTING.md, "Portable outputs"). `make book CPU=other` builds on it too.
+OTHER_CPU := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OPENBLAS_CORETYPE=Haswell
+CPU ?= native
+BOOK_ENV := $(if $(filter other,$(CPU)),$(OTHER_CPU),)
 
-.PHONY: help setup data book student test lint clean
+.PHONY: help setup data book student test clean
 
 help:
 	@echo "make book     build the book into _build/html (installs everything it needs)"
-	@echo "make test     run the bnlib tests and execute every chapter with nbval"
+	@echo "make test     run the bnlib tests and execute every chapter with nbval (on another CPU code path)"
+	@echo "              CPU=other: also build the book (make book / the browser test) on that code path"
 	@echo "make student  build the student edition (no solutions) into _build/student/_build/html"
 	@echo "make data     provision MNIST into data/MNIST/raw"
 	@echo "make setup    create .venv from uv.lock (bootstraps uv with pip when missing)"
@@ -26,13 +33,13 @@ data: setup
 	$(PY) -m bnlib data
 
 book: setup data
-	$(PY) tools/build_book.py
+	env $(BOOK_ENV) $(PY) tools/build_book.py
 
 student: setup data
 	$(PY) tools/build_book.py --student
 
 test: setup data
-	$(PY) -m pytest -n 2 --dist loadfile
+	env $(OTHER_CPU) BNLIB_BOOK_CPU=$(CPU) $(PY) -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf _build

@@ -1,18 +1,20 @@
 """Build the book: offline MathJax, cache invalidation on library changes, warnings as errors.
 
     python tools/build_book.py                       # the book, into _build/html
-    python tools/build_book.py --student             # without solutions, into _build/student/html
+    python tools/build_book.py --student             # without solutions, into _build/student/_build/html
     python tools/build_book.py --only chapters/03_bn_backward   # one chapter (plus the landing page), in /tmp
 
 jupyter-cache keys a notebook on its code cells only, so editing ``bnlib/*.py``, ``bench/*.py`` or the lock
-file would not re-execute anything. This wrapper hashes those files (content and mtime) and, when the hash
-changed since the last build, clears the execution cache and re-executes every chapter.
+file would not re-execute anything. This wrapper hashes those files (content and mtime) and the CPU code-path
+variables (``CPU_CODE_PATH_VARS``) and, when the hash changed since the last build, clears the execution cache
+and re-executes every chapter.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +28,9 @@ MATHJAX = "mathjax@3.2.2"
 # MathJax 3 loads fonts and TeX extensions relative to its script: keep its es5/ layout.
 MATHJAX_KEEP = ("tex-chtml.js", "output/chtml/fonts/woff-v2", "input/tex/extensions", "ui", "a11y")
 VENDOR = ROOT / "_vendor" / "_static" / "mathjax"  # copied to _build/html/_static/mathjax via html_extra_path
+# Environment variables that move torch, MKL, oneDNN or OpenBLAS to another CPU code path (the Makefile's
+# OTHER_CPU sets them; CONTRIBUTING.md, "Portable outputs"). Executions on different paths never share a cache.
+CPU_CODE_PATH_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
 
 
 def vendor_mathjax() -> None:
@@ -54,6 +59,7 @@ def library_hash() -> str:
         h.update(str(f.relative_to(ROOT)).encode())
         h.update(str(f.stat().st_mtime_ns).encode())
         h.update(f.read_bytes())
+    h.update(repr([(k, os.environ.get(k)) for k in CPU_CODE_PATH_VARS]).encode())  # another code path re-executes
     return h.hexdigest()
 
 
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if not stamp.is_file() or stamp.read_text() != digest:
         shutil.rmtree(stamp.parent / ".jupyter_cache", ignore_errors=True)
         if stamp.parent.exists():
-            print("bnlib, bench/ or uv.lock changed: execution cache cleared, re-executing every chapter")
+            print("bnlib, bench/, uv.lock or the CPU code path changed: execution cache cleared, re-executing every chapter")
             extra.append("--all")
     rc = jb([*extra, "--path-output", str(out)])
     if rc == 0:
