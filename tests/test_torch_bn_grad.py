@@ -10,6 +10,12 @@ from torch.autograd import gradcheck, gradgradcheck
 
 from bnlib import torch_bn as tb
 
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws from a seeded global generator (or from its own torch.Generator)."""
+    torch.manual_seed(0)
+
 SHAPES = [(5, 3), (4, 3, 5), (3, 3, 4, 3), (2, 3, 2, 3, 2)]
 DT = torch.float64
 

@@ -11,6 +11,12 @@ import torch.nn.functional as F
 
 from bnlib import torch_bn as tb
 
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws from a seeded global generator (or from its own torch.Generator)."""
+    torch.manual_seed(0)
+
 PAIRS = [
     (tb.BatchNorm1d, nn.BatchNorm1d, (6, 3, 4)),
     (tb.BatchNorm2d, nn.BatchNorm2d, (4, 3, 2, 3)),
@@ -295,3 +301,35 @@ def test_training_small_cnn_matches_torch(dtype, tol):
     ref.eval(), mine.eval()
     x = torch.randn(4, 1, 28, 28, generator=g, dtype=dtype)
     torch.testing.assert_close(mine(x), ref(x), rtol=tol, atol=tol)
+
+
+def test_subclasses_of_torch_classes_and_conv_bn_fusion():
+    """bnlib's modules are torch's classes (isinstance), so tools that look for batch norm by class see
+    them; torch.nn.utils.fusion.fuse_conv_bn_eval folds a trained bnlib BN into the convolution."""
+    for mine, ref in ((tb.BatchNorm1d, nn.BatchNorm1d), (tb.BatchNorm2d, nn.BatchNorm2d), (tb.BatchNorm3d, nn.BatchNorm3d)):
+        assert isinstance(mine(3), ref) and issubclass(mine, nn.modules.batchnorm._BatchNorm)
+        assert mine.forward is not ref.forward
+    g = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(3, 4, 3, bias=False).double()
+    bn = tb.BatchNorm2d(4).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g), bn.bias.normal_(generator=g)
+    for _ in range(3):  # running statistics away from (0, 1)
+        bn(conv(torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 + 1))
+    conv.eval(), bn.eval()
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), bn(conv(x)), rtol=0, atol=1e-12)
+
+
+def test_convert_counts_by_exact_class_as_chapter_6_does():
+    """Chapter 6 counts converted layers with isinstance(m, bnlib's class) and torch's left with
+    type(m) is torch's class: a subclass must not count as torch's."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Sequential(nn.BatchNorm2d(2)))
+    conv = tb.convert_batchnorm(model)
+    assert sum(isinstance(m, tb.BatchNorm2d) for m in conv.modules()) == 2
+    assert sum(type(m) is nn.BatchNorm2d for m in conv.modules()) == 0
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in conv.modules()) == 2  # they are torch's class too
+    back = tb.convert_batchnorm(conv, to="torch")
+    assert sum(type(m) is nn.BatchNorm2d for m in back.modules()) == 2
+    assert tb.convert_batchnorm(tb.convert_batchnorm(nn.BatchNorm1d(3))).__class__ is tb.BatchNorm1d  # idempotent

