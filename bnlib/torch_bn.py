@@ -6,6 +6,7 @@ Defined in: chapters/06_bn_pytorch.ipynb
 Public objects
 --------------
 BatchNormFunction           autograd.Function: the forward and the compact backward, twice differentiable.
+BatchNormFunctionWithJvp    the same plus forward-mode AD (jvp), used by batch_norm outside torch.compile.
 BatchNormFunctionSavedXHat  the naive variant that saves x_hat: first derivative right,
                             second derivative silently wrong (for the chapter's demonstration).
 batch_norm                  same signature, semantics and error messages as F.batch_norm.
@@ -30,6 +31,7 @@ from torch import Tensor
 
 __all__ = [
     "BatchNormFunction",
+    "BatchNormFunctionWithJvp",
     "BatchNormFunctionSavedXHat",
     "batch_norm",
     "BatchNorm1d",
@@ -74,7 +76,7 @@ class BatchNormFunction(torch.autograd.Function):
     backward itself is recorded (``create_graph=True``) mu and var are recomputed from x as
     well, so second derivatives see how they depend on x.  ``setup_context`` is separate from
     ``forward`` so that torch.func (grad, vmap, jvp) can run the Function; vmap comes from
-    ``generate_vmap_rule``, forward-mode AD from :meth:`jvp`.
+    ``generate_vmap_rule``; forward-mode AD is added by :class:`BatchNormFunctionWithJvp`.
     """
 
     generate_vmap_rule = True
@@ -98,7 +100,6 @@ class BatchNormFunction(torch.autograd.Function):
         _, mu, var = output
         ctx.mark_non_differentiable(mu, var)
         ctx.save_for_backward(x, weight, mu, var)
-        ctx.save_for_forward(x, weight, mu, var)
         ctx.training, ctx.eps = training, eps
 
     @staticmethod
@@ -122,6 +123,35 @@ class BatchNormFunction(torch.autograd.Function):
         return (dx.to(x.dtype) if need_x else None, dgamma if need_gamma else None,
                 dbeta if need_beta else None, None, None, None, None)
 
+
+def _batch_stats(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x, shaped (1, C, 1, ...), in two passes over x.
+
+    Pass 1 gives the mean mu0.  Pass 2 looks at the deviations d = x - mu0: their mean corrects the
+    rounding of mu0, and var = mean(d^2) - mean(d)^2 cannot cancel because mean(d) is tiny (the
+    "corrected two-pass" algorithm; E[x^2] - mu^2 would lose most digits when |mu| >> sigma).
+    """
+    mu0 = x.mean(dims, keepdim=True)
+    d = x - mu0
+    d_mean = d.mean(dims, keepdim=True)
+    var = d.square().mean(dims, keepdim=True) - d_mean.square()
+    return mu0 + d_mean, var
+
+
+class BatchNormFunctionWithJvp(BatchNormFunction):
+    """:class:`BatchNormFunction` plus forward-mode AD (``torch.autograd.forward_ad``, ``torch.func.jvp``,
+    ``jacfwd``), which :func:`batch_norm` uses in eager mode.  Separate because Dynamo cannot trace a
+    Function with a custom ``jvp``: under ``torch.compile`` :func:`batch_norm` uses the plain one.
+
+    Defined in: chapters/06_bn_pytorch.ipynb
+    """
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        BatchNormFunction.setup_context(ctx, inputs, output)
+        x, weight, _, _, _, _, _ = inputs
+        ctx.save_for_forward(x, weight, output[1], output[2])
+
     @staticmethod
     def jvp(ctx, tx, tgamma, tbeta, _trm, _trv, _ttraining, _teps):
         # Forward-mode AD.  The Jacobian of x_hat with respect to x is symmetric, so the tangent
@@ -142,20 +172,6 @@ class BatchNormFunction(torch.autograd.Function):
         if tbeta is not None:
             ty = ty + tbeta.view(shape)
         return ty.to(x.dtype), None, None
-
-
-def _batch_stats(x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of x, shaped (1, C, 1, ...), in two passes over x.
-
-    Pass 1 gives the mean mu0.  Pass 2 looks at the deviations d = x - mu0: their mean corrects the
-    rounding of mu0, and var = mean(d^2) - mean(d)^2 cannot cancel because mean(d) is tiny (the
-    "corrected two-pass" algorithm; E[x^2] - mu^2 would lose most digits when |mu| >> sigma).
-    """
-    mu0 = x.mean(dims, keepdim=True)
-    d = x - mu0
-    d_mean = d.mean(dims, keepdim=True)
-    var = d.square().mean(dims, keepdim=True) - d_mean.square()
-    return mu0 + d_mean, var
 
 
 # Chapter 6 prints this name; the differentiable backward is BatchNormFunction.backward itself.
@@ -225,7 +241,9 @@ def batch_norm(
     training=False: normalise with the running buffers.  Errors and messages are torch's.
     """
     _check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    y, mu, var = BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, eps)
+    # Dynamo cannot trace a custom jvp: under torch.compile, the Function without forward-mode AD
+    fn = BatchNormFunction if torch.compiler.is_compiling() else BatchNormFunctionWithJvp
+    y, mu, var = fn.apply(input, weight, bias, running_mean, running_var, training, eps)
     if training and running_mean is not None and input.numel() > 0:
         m = input.numel() // input.shape[1]
         with torch.no_grad():
