@@ -241,10 +241,14 @@ def batch_norm(
     training=False: normalise with the running buffers.  Errors and messages are torch's.
     """
     _check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if input.numel() == 0:  # no statistics to take: torch returns a copy and leaves the buffers alone
+        y = input.clone()
+        y = y if weight is None else y * weight[0]
+        return y if bias is None else y + bias[0]
     # Dynamo cannot trace a custom jvp: under torch.compile, the Function without forward-mode AD
     fn = BatchNormFunction if torch.compiler.is_compiling() else BatchNormFunctionWithJvp
     y, mu, var = fn.apply(input, weight, bias, running_mean, running_var, training, eps)
-    if training and running_mean is not None and input.numel() > 0:
+    if training and running_mean is not None:
         m = input.numel() // input.shape[1]
         with torch.no_grad():
             try:
