@@ -69,8 +69,9 @@ class BatchNormFunction(torch.autograd.Function):
     updated here: :func:`batch_norm` does that.
 
     Saved for backward: x itself (not a copy), weight, mu and var.  The backward is the compact
-    formula ``dx = gamma*inv_std/m * (m*dy - sum(dy) - x_hat*sum(dy*x_hat))``,
-    ``dgamma = sum(dy*x_hat)``, ``dbeta = sum(dy)`` with sums over the m values of a channel.
+    formula ``dx = gamma*inv_std * (dy - sum(dy)/m - x_hat*sum(dy*x_hat)/m)``
+    (= ``gamma*inv_std/m * (m*dy - dbeta - x_hat*dgamma)``), ``dgamma = sum(dy*x_hat)``,
+    ``dbeta = sum(dy)``, with sums over the m values of a channel.
     x_hat is recomputed from the saved x, never saved: autograd differentiates the backward
     by recording the ops it runs, and a saved x_hat would be a constant to it.  When the
     backward itself is recorded (``create_graph=True``) mu and var are recomputed from x as
@@ -114,9 +115,9 @@ class BatchNormFunction(torch.autograd.Function):
         dbeta = dy.sum(dims)
         dgamma = (dy * x_hat).sum(dims)
         gamma = 1.0 if weight is None else weight.view(shape)
-        if ctx.training:
+        if ctx.training:  # means over the m = N * prod(S) values of each channel
             m = x.numel() // x.shape[1]
-            dx = gamma * inv_std / m * (m * dy - dbeta.view(shape) - x_hat * dgamma.view(shape))
+            dx = gamma * inv_std * (dy - dbeta.view(shape) / m - x_hat * dgamma.view(shape) / m)
         else:
             dx = gamma * inv_std * dy
         need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
