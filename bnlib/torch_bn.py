@@ -18,10 +18,10 @@ Shapes: x is (N, C, *S): (N, C) or (N, C, L) for BatchNorm1d, (N, C, H, W) for B
 dim except dim 1; inside the Function per-channel values have the shape (1, C, 1, ..., 1) that
 broadcasts against x.
 
-The statistics are two-pass: first the mean, then the mean of the squared deviations from it (which
-stays accurate when |mu| >> sigma, where E[x^2] - mu^2 would cancel), see :func:`_batch_stats`.  float16/bfloat16 inputs are
-computed in float32 and returned in the input dtype, as torch does.  Autograd keeps x itself and
-per-channel vectors for the backward pass, nothing else of the input's size.
+The statistics are two-pass: first the mean, then the mean of the squared deviations from it, which
+stays accurate when |mu| >> sigma, where E[x^2] - mu^2 would cancel (see :func:`_batch_stats`).
+float16/bfloat16 inputs are computed in float32 and returned in the input dtype, as torch does.
+Autograd keeps x itself and per-channel vectors for the backward pass, nothing else of the input's size.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class BatchNormFunctionSavedXHat(torch.autograd.Function):
         m = x_hat.numel() // x_hat.shape[1]
         dbeta = dy.sum(dims)
         dgamma = (dy * x_hat).sum(dims)
-        dx = weight.view(shape) * inv_std / m * (m * dy - dbeta.view(shape) - x_hat * dgamma.view(shape))
+        dx = weight.view(shape) * inv_std * (dy - dbeta.view(shape) / m - x_hat * dgamma.view(shape) / m)
         return dx, dgamma, dbeta, None
 
 
