@@ -306,7 +306,8 @@ def test_training_small_cnn_matches_torch(dtype, tol):
 def test_subclasses_of_torch_classes_and_conv_bn_fusion():
     """bnlib's modules are torch's classes (isinstance), so tools that look for batch norm by class see
     them; torch.nn.utils.fusion.fuse_conv_bn_eval folds a trained bnlib BN into the convolution."""
-    for mine, ref in ((tb.BatchNorm1d, nn.BatchNorm1d), (tb.BatchNorm2d, nn.BatchNorm2d), (tb.BatchNorm3d, nn.BatchNorm3d)):
+    for mine, ref in ((tb.BatchNorm1d, nn.BatchNorm1d), (tb.BatchNorm2d, nn.BatchNorm2d),
+                      (tb.BatchNorm3d, nn.BatchNorm3d)):
         assert isinstance(mine(3), ref) and issubclass(mine, nn.modules.batchnorm._BatchNorm)
         assert mine.forward is not ref.forward
     g = torch.Generator().manual_seed(3)

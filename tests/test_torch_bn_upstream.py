@@ -453,7 +453,8 @@ def test_device_ctx_init(module_info, training):
                                                             requires_grad=False, training=training)
     for module_input, module_input_meta in zip(module_inputs, module_inputs_meta):
         c_args, c_kwargs = module_input.constructor_input.args, module_input.constructor_input.kwargs
-        c_args_meta, c_kwargs_meta = module_input_meta.constructor_input.args, module_input_meta.constructor_input.kwargs
+        c_args_meta = module_input_meta.constructor_input.args
+        c_kwargs_meta = module_input_meta.constructor_input.kwargs
         m_cpu = module_cls(*c_args, **c_kwargs)
         with torch.device("meta"):
             m = module_cls(*c_args_meta, **c_kwargs_meta)
