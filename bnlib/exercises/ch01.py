@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bnlib.exercises.harness import Case, Mistake, run
+
 __all__ = ["check_standardize"]
 
 
@@ -82,8 +84,9 @@ _CAUSES = {
 _CORRECT = {"test_stats": "train", "axis": 0, "ddof": 0, "denom": "sqrt_inside"}
 
 
-def _diagnose(Z_train, Z_test, X_train, X_test, eps) -> list[str]:
-    """Causes of the first combination of mistakes (fewest first) that reproduces both outputs."""
+def _mistakes(case):
+    """Every combination of the classic mistakes, fewest first (the table the harness matches)."""
+    X_train, X_test, eps = case.args
     choices = {
         "test_stats": ["train", "test"],
         "axis": [0, 1],
@@ -94,11 +97,15 @@ def _diagnose(Z_train, Z_test, X_train, X_test, eps) -> list[str]:
     combos = [c for c in combos if not (c["axis"] == 1 and c["test_stats"] == "test")]  # the same thing
     combos.sort(key=lambda c: sum(c[k] != _CORRECT[k] for k in c))
     for combo in combos[1:]:
-        wr, we = _variant(X_train, X_test, eps, **combo)
-        if all(a.shape == b.shape and np.allclose(a, b, rtol=1e-8, atol=1e-10, equal_nan=True)
-               for a, b in ((Z_train, wr), (Z_test, we))):
-            return [_CAUSES[(k, v)] for k, v in combo.items() if v != _CORRECT[k]]
-    return []
+        yield Mistake([_CAUSES[(k, v)] for k, v in combo.items() if v != _CORRECT[k]],
+                      lambda case, combo=combo: _variant(X_train, X_test, eps, **combo))
+
+
+def _raise_hint(e, case):
+    if "broadcast" in str(e):
+        return ("statistics over the wrong axis: one mean per example (axis=1) does not fit the test set; take "
+                "one mean per feature, X_train.mean(axis=0)")
+    return None
 
 
 def _cases() -> list[tuple[str, np.ndarray, np.ndarray, float]]:
@@ -129,56 +136,9 @@ def check_standardize(fn: Callable, verbose: bool = True) -> bool:
     reference; prints one line per passing case and, at the first failure, the case, the output, the largest
     error, where it is, and the likely cause. Returns True if every output agrees to 1e-10.
     """
-    say = print if verbose else (lambda *a, **k: None)
-    cases = _cases()
-    for name, X_train, X_test, eps in cases:
-        a, b = X_train.copy(), X_test.copy()
-        try:
-            out = fn(a, b, eps)
-        except NotImplementedError:
-            say("standardize raises NotImplementedError: fill in the stub, then run the checker again")
-            return False
-        except Exception as e:  # the reader's code may fail in any way
-            say(f"case {name}: your function raised {type(e).__name__}: {e}")
-            if "broadcast" in str(e):
-                say("  likely cause: statistics over the wrong axis: one mean per example (axis=1) does not "
-                    "fit the test set; take one mean per feature, X_train.mean(axis=0)")
-            return False
-        if not (np.array_equal(a, X_train) and np.array_equal(b, X_test)):
-            say(f"case {name}: your function modified its inputs in place; compute on new arrays")
-            return False
-        if not (isinstance(out, tuple) and len(out) == 2):
-            say(f"case {name}: expected a tuple (Z_train, Z_test), got {type(out).__name__}")
-            return False
-        ref = _variant(X_train, X_test, eps)
-        for label, Z, R in zip(("Z_train", "Z_test"), out, ref):
-            Z = np.asarray(Z)
-            if Z.shape != R.shape:
-                say(f"case {name}: {label} has shape {Z.shape}, expected {R.shape}")
-                return False
-        bad = None
-        for label, Z, R in zip(("Z_train", "Z_test"), out, ref):
-            diff = np.abs(np.asarray(Z, dtype=float) - R)
-            if not (np.isfinite(diff).all() and diff.max() <= 1e-10):
-                bad = (label, np.asarray(Z, dtype=float), diff)
-                break
-        if bad is None:
-            say(f"case {name}: ok")
-            continue
-        label, Z, diff = bad
-        where = np.unravel_index(int(np.argmax(np.where(np.isfinite(diff), diff, np.inf))), diff.shape)
-        n_bad = int((~np.isfinite(Z)).sum())
-        err = float(diff[where])
-        note = f" ({n_bad} NaN/inf values)" if n_bad else ""
-        say(f"case {name}: {label} differs from the reference{note}, max |error| = {err:.3g} at "
-            f"(example {int(where[0])}, feature {int(where[1])})")
-        causes = _diagnose(np.asarray(out[0], dtype=float), np.asarray(out[1], dtype=float), X_train, X_test, eps)
-        if causes:
-            for cause in causes:
-                say(f"  likely cause: {cause}")
-        else:
-            say("  not a mistake this checker recognises: every column of Z_train should have mean 0 and "
-                "variance var / (var + eps) (just under 1)")
-        return False
-    say(f"all {len(cases)} cases agree with the reference (max |error| <= 1e-10)")
-    return True
+    cases = [Case(name, (X_train, X_test, eps), _variant(X_train, X_test, eps), 1e-10)
+             for name, X_train, X_test, eps in _cases()]
+    return run(fn, cases, inputs=("X_train", "X_test", "eps"), outputs=("Z_train", "Z_test"),
+               mistakes=_mistakes, raise_hints=_raise_hint,
+               unknown="every column of Z_train should have mean 0 and variance var / (var + eps) (just under 1)",
+               summary="Z_train and Z_test agree with the reference (max |error| <= 1e-10)", verbose=verbose)
