@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bnlib.exercises.harness import Case, Mistake, run
+
 __all__ = ["check_batchnorm_forward"]
 
 
@@ -93,8 +95,9 @@ _CAUSES = {
 }
 
 
-def _diagnose(y, x, gamma, beta, eps) -> list[str]:
-    """Causes of the first combination of mistakes (fewest mistakes first) that reproduces y."""
+def _mistakes(case):
+    """Every combination of the classic mistakes, fewest first."""
+    x, gamma, beta, eps = case.args
     choices = {
         "axes": ["batch", "example", "all"] + (["axis0"] if x.ndim > 2 else []),
         "ddof": [0, 1],
@@ -105,10 +108,17 @@ def _diagnose(y, x, gamma, beta, eps) -> list[str]:
     combos = [dict(zip(choices, vals)) for vals in itertools.product(*choices.values())]
     combos.sort(key=lambda c: sum(c[k] != correct[k] for k in c))
     for combo in combos[1:]:
-        wrong = _variant(x, gamma, beta, eps, **combo)
-        if wrong.shape == y.shape and np.allclose(y, wrong, rtol=1e-8, atol=1e-10, equal_nan=True):
-            return [_CAUSES[(k, v)] for k, v in combo.items() if v != correct[k]]
-    return []
+        yield Mistake([_CAUSES[(k, v)] for k, v in combo.items() if v != correct[k]],
+                      lambda case, combo=combo: _variant(x, gamma, beta, eps, **combo))
+
+
+def _raise_hint(e, case):
+    x = case.args[0]
+    if "broadcast" in str(e):
+        return (f"a (C,) vector (mu, var, gamma or beta) does not broadcast against x of shape {x.shape}; keep "
+                f"the reduced axes (keepdims=True) and reshape gamma and beta to {_channel_shape(x)}, i.e. "
+                f"(1, C) + (1,) * (x.ndim - 2)")
+    return None
 
 
 def _cases() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]]:
@@ -141,54 +151,10 @@ def check_batchnorm_forward(fn: Callable, verbose: bool = True) -> bool:
     independent float64 reference; prints one line per passing case and, at the first failure, which case,
     the largest error, where it is, and the likely cause. Returns True if every case agrees to 1e-10.
     """
-    say = print if verbose else (lambda *a, **k: None)
-    cases = _cases()
-    for name, x, gamma, beta, eps in cases:
-        x_in, g_in, b_in = x.copy(), gamma.copy(), beta.copy()
-        try:
-            y = fn(x_in, g_in, b_in, eps)
-        except NotImplementedError:
-            say("batchnorm_forward raises NotImplementedError: fill in the stub, then run the checker again")
-            return False
-        except Exception as e:  # the reader's code may fail in any way
-            say(f"case {name}: your function raised {type(e).__name__}: {e}")
-            if "broadcast" in str(e):
-                say(f"  likely cause: a (C,) vector (mu, var, gamma or beta) does not broadcast against x of "
-                    f"shape {x.shape}; keep the reduced axes (keepdims=True) and reshape gamma and beta to "
-                    f"{_channel_shape(x)}, i.e. (1, C) + (1,) * (x.ndim - 2)")
-            return False
-        if not (np.array_equal(x_in, x) and np.array_equal(g_in, gamma) and np.array_equal(b_in, beta)):
-            say(f"case {name}: your function modified its inputs in place; compute on new arrays")
-            return False
-        if isinstance(y, tuple):
-            say(f"case {name}: expected the array y, got a tuple of {len(y)} (return y only, not (y, cache))")
-            return False
-        if not isinstance(y, np.ndarray):
-            say(f"case {name}: expected a NumPy array, got {type(y).__name__}")
-            return False
-        if y.shape != x.shape:
-            say(f"case {name}: output shape {y.shape}, expected {x.shape} (the input's shape)")
-            return False
-        if y.dtype != x.dtype:
-            say(f"case {name}: output dtype {y.dtype}, expected {x.dtype} (the input's dtype)")
-            return False
-        ref = _reference(x, gamma, beta, eps)
-        diff = np.abs(y - ref)
-        err = float(np.nanmax(diff)) if not np.isnan(diff).all() else float("nan")
-        if np.isfinite(diff).all() and err <= 1e-10:
-            say(f"case {name}: ok")
-            continue
-        where = np.unravel_index(int(np.argmax(np.where(np.isnan(diff), np.inf, diff))), diff.shape)
-        nan_note = f" ({int(np.isnan(y).sum())} NaN values)" if np.isnan(y).any() else ""
-        say(f"case {name}: y differs from the reference{nan_note}, max |error| = {err:.3g} at index "
-            f"{tuple(int(i) for i in where)} (channel {int(where[1])})")
-        causes = _diagnose(y, x, gamma, beta, eps)
-        if causes:
-            for cause in causes:
-                say(f"  likely cause: {cause}")
-        else:
-            say("  not a mistake this checker recognises: compare the mean and variance of each output "
-                "channel y[:, c] with beta[c] and gamma[c]**2 * var / (var + eps)")
-        return False
-    say(f"all {len(cases)} cases agree with the reference (max |error| <= 1e-10)")
-    return True
+    cases = [Case(name, (x, gamma, beta, eps), _reference(x, gamma, beta, eps), 1e-10)
+             for name, x, gamma, beta, eps in _cases()]
+    return run(fn, cases, inputs=("x", "gamma", "beta", "eps"), outputs=("y",), mistakes=_mistakes,
+               raise_hints=_raise_hint,
+               unknown="compare the mean and variance of each output channel y[:, c] with beta[c] and "
+                       "gamma[c]**2 * var / (var + eps)",
+               summary="y agrees with the reference (max |error| <= 1e-10)", verbose=verbose)
