@@ -54,7 +54,7 @@ def bn_backward(dy, x, gamma, eps, *, axes=None, ddof=0, mean_div=None, eps_mode
 
 def test_bn_checker_accepts_correct(capsys):
     assert check_bn_backward(bn_backward) is True
-    assert "All 4 cases pass" in capsys.readouterr().out
+    assert "all 4 cases pass" in capsys.readouterr().out
 
 
 def test_bn_checker_accepts_textbook_formula(capsys):
@@ -82,7 +82,7 @@ def test_bn_checker_accepts_textbook_formula(capsys):
         (dict(eps_mode="outside"), "eps is outside the square root"),
         (dict(ddof=1), "unbiased divisor m - 1"),
         (dict(mean_div=lambda m: m - 1), "the mean terms divide by m - 1"),
-        (dict(inplace=True), "changed its input dy in place"),
+        (dict(inplace=True), "your function modified dy in place"),
     ],
 )
 def test_bn_checker_diagnoses(capsys, opts, expected):
@@ -124,7 +124,7 @@ def test_bn_checker_diagnoses_batch_axis_only_in_statistics(capsys):
 
     assert check_bn_backward(fn) is False
     out = capsys.readouterr().out
-    assert "case 2" in out and "wrong dx" in out and "run over axis 0 only" in out
+    assert "case 2" in out and "dx differs from the reference" in out and "run over axis 0 only" in out
 
 
 def test_bn_checker_diagnoses_keepdims(capsys):
@@ -157,16 +157,65 @@ def test_bn_checker_reports_unknown_mistake_and_errors(capsys):
     fn = lambda dy, x, g, eps: tuple(o * 1.01 for o in bn_backward(dy, x, g, eps))
     assert check_bn_backward(fn) is False
     out = capsys.readouterr().out
-    assert "No common mistake matches" in out and "largest error" in out
+    assert "not a mistake this checker recognises" in out and "relative error = 0.01" in out
 
     def raises(dy, x, g, eps):
         raise NotImplementedError("todo")
 
     assert check_bn_backward(raises) is False
-    assert "raised NotImplementedError: todo" in capsys.readouterr().out
+    assert "raises raises NotImplementedError: fill in the stub" in capsys.readouterr().out
 
     assert check_bn_backward(lambda dy, x, g, eps: bn_backward(dy, x, g, eps)[0]) is False
-    assert "return a tuple (dx, dgamma, dbeta)" in capsys.readouterr().out
+    assert "returned a NumPy array, expected a tuple of 3: (dx, dgamma, dbeta)" in capsys.readouterr().out
+
+
+def test_bn_checker_dx_only_with_nones(capsys):
+    """(dx, None, None): the reader skipped dgamma and dbeta; not 'the sum ran over the wrong axes'."""
+    def dx_only(dy, x, g, eps):
+        return bn_backward(dy, x, g, eps)[0], None, None
+
+    assert check_bn_backward(dx_only) is False
+    out = capsys.readouterr().out
+    assert "dgamma is None, expected a NumPy array of shape (4,)" in out, out
+    assert "wrong axes" not in out
+
+
+def test_bn_checker_two_tuple(capsys):
+    def two(dy, x, g, eps):
+        dx, dgamma, _ = bn_backward(dy, x, g, eps)
+        return dx, dgamma
+
+    assert check_bn_backward(two) is False
+    assert "returned a tuple of 2, expected a tuple of 3: (dx, dgamma, dbeta)" in capsys.readouterr().out
+
+
+def test_bn_checker_float32_result(capsys):
+    """Right formula in single precision: named as a dtype problem, not 'no common mistake'."""
+    def single(dy, x, g, eps):
+        return tuple(o.astype(np.float32) for o in bn_backward(dy, x, g, eps))
+
+    assert check_bn_backward(single) is False
+    out = capsys.readouterr().out
+    assert "dx has dtype float32, expected float64" in out, out
+    assert "not a mistake" not in out
+
+
+def test_bn_checker_mutated_x(capsys):
+    """x -= mu in place: the message names x, not dy."""
+    def centres_x(dy, x, g, eps):
+        axes = _axes(x)
+        mu = x.mean(axis=axes, keepdims=True)
+        var = x.var(axis=axes, keepdims=True)
+        x -= mu
+        x_hat = x / np.sqrt(var + eps)
+        inv_std = _bc(g, x) / np.sqrt(var + eps)
+        dx = inv_std * (dy - dy.mean(axis=axes, keepdims=True)
+                        - x_hat * (dy * x_hat).mean(axis=axes, keepdims=True))
+        return dx, (dy * x_hat).sum(axis=axes), dy.sum(axis=axes)
+
+    assert check_bn_backward(centres_x) is False
+    out = capsys.readouterr().out
+    assert "your function modified x in place" in out and "dy -=" not in out, out
 
 
 def test_bn_checker_silent_when_not_verbose(capsys):
@@ -205,7 +254,7 @@ def numgrad(f, x, h, *, scheme="central", divide=2.0, step=None, restore="exact"
 
 def test_numgrad_checker_accepts_correct(capsys):
     assert check_numerical_gradient(numgrad) is True
-    assert "All 3 cases pass" in capsys.readouterr().out
+    assert "all 3 cases pass" in capsys.readouterr().out
 
 
 def test_numgrad_checker_accepts_copying_solution():
@@ -229,8 +278,8 @@ def test_numgrad_checker_accepts_copying_solution():
         (dict(divide=4.0), "divide by 4h"),
         (dict(step=1e-6), "does not depend on the step h = 0.01"),
         (dict(step=1e-1), "central differences with a step of about 0.1"),
-        (dict(restore="none"), "left x changed"),
-        (dict(restore="add"), "left x changed"),
+        (dict(restore="none"), "your function modified x in place; save the old value"),
+        (dict(restore="add"), "your function modified x in place; save the old value"),
         (dict(flat_only=True), "case 2"),
     ],
 )

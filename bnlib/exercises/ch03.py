@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnlib.exercises.harness import Case, Mistake, run
+
 __all__ = ["check_bn_backward", "check_numerical_gradient"]
 
 
@@ -149,13 +151,23 @@ def _wrong_axis_variants(x):
     return out
 
 
-def _match(yours, variant, which) -> bool:
-    """True if the outputs at the indices `which` (the wrong ones) agree with the variant's."""
-    for i in which:
-        a, b = yours[i], variant[i]
-        if np.shape(a) != np.shape(b) or not _rel(a, b) <= 1e-9:
-            return False
-    return True
+def _bn_mistakes(case):
+    dy, x, gamma, eps = case.args
+    for _, opts, cause in _BN_MISTAKES + _wrong_axis_variants(x):
+        yield Mistake(cause, lambda case, opts=opts: _variant(dy, x, gamma, eps, **opts))
+
+
+def _bn_shape_hint(label, o, case):
+    x = case.args[1]
+    C = x.shape[1]
+    if label == "dx":
+        return "dx has the shape of x"
+    if o.size == C:
+        return f"Return a flat (C,) array: sum without keepdims, or reshape with {label}.reshape(-1)"
+    if o.shape == (C,) + x.shape[2:]:
+        return f"Your sum ran over axis 0 only; for (N, C, *spatial) input sum over the spatial axes too: axis={_axes(x)}"
+    return (f"Reduce over every axis except the channel axis 1: axis={_axes(x)} here (a shape of {o.shape} means "
+            f"the sum ran over the wrong axes)")
 
 
 def check_bn_backward(fn, verbose: bool = True, tol: float = 1e-8) -> bool:
@@ -171,65 +183,19 @@ def check_bn_backward(fn, verbose: bool = True, tol: float = 1e-8) -> bool:
     with its likely cause (missing terms, missing gamma, eps, unbiased variance, wrong axis, ...) and
     returns True if every output agrees to a relative error below tol.
     """
-    cases = _bn_cases()
     rng = np.random.default_rng(30)
-    for k, (name, x, gamma, eps) in enumerate(cases, 1):
+    cases = []
+    for k, (name, x, gamma, eps) in enumerate(_bn_cases(), 1):
         dy = rng.normal(size=x.shape)
-        args = [dy.copy(), x.copy(), gamma.copy()]
-        try:
-            out = fn(args[0], args[1], args[2], eps)
-        except Exception as e:  # the reader sees the error and the case that raised it
-            _say(verbose, f"case {k} {name}: your function raised {type(e).__name__}: {e}")
-            return False
-        for label, before, after in zip(("dy", "x", "gamma"), (dy, x, gamma), args):
-            if not np.array_equal(before, after):
-                _say(verbose, f"case {k} {name}: your function changed its input {label} in place; "
-                              "work on new arrays (e.g. dx = dy - ..., not dy -= ...)")
-                return False
-        if not isinstance(out, tuple) or len(out) != 3:
-            _say(verbose, f"case {k} {name}: return a tuple (dx, dgamma, dbeta), got {type(out).__name__}")
-            return False
-        out = tuple(np.asarray(o) for o in out)
-        ref = _reference(dy, x, gamma, eps)
-        C = x.shape[1]
-        for label, o, r in zip(("dx", "dgamma", "dbeta"), out, ref):
-            if o.shape != r.shape:
-                hint = ""
-                if label != "dx":
-                    hint = (f" Reduce over every axis except the channel axis 1: axis={_axes(x)} here "
-                            f"(a shape of {o.shape} means the sum ran over the wrong axes).")
-                    if o.size == C and o.shape != (C,):
-                        hint = (f" Return a flat (C,) array: sum without keepdims, or reshape with "
-                                f"{label}.reshape(-1).")
-                    elif o.shape == (C,) + x.shape[2:]:
-                        hint = (f" Your sum ran over axis 0 only; for (N, C, *spatial) input sum over the "
-                                f"spatial axes too: axis={_axes(x)}.")
-                _say(verbose, f"case {k} {name}: {label} has shape {o.shape}, expected {r.shape}.{hint}")
-                return False
-        errors = {label: _rel(o, r) for label, o, r in zip(("dx", "dgamma", "dbeta"), out, ref)}
-        bad = [label for label, e in errors.items() if not e <= tol]
-        if not bad:
-            continue
-        lines = [f"case {k} {name}: wrong " + ", ".join(bad) + "."]
-        for label in bad:
-            i = ("dx", "dgamma", "dbeta").index(label)
-            lines.append(f"  {label}: relative error {errors[label]:.2e}; " + _worst(out[i], ref[i]))
-        causes = [cause for _, opts, cause in _BN_MISTAKES + _wrong_axis_variants(x)
-                  if _match(out, _variant(dy, x, gamma, eps, **opts),
-                            [("dx", "dgamma", "dbeta").index(label) for label in bad])]
-        if causes:
-            lines.append("  Likely cause: " + causes[0])
-        elif any(not np.all(np.isfinite(o)) for o in out):
-            lines.append("  Your result has NaN or inf values: check for a division by zero (eps inside the root?).")
-        else:
-            lines.append("  No common mistake matches exactly. Compare with "
-                         "dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat)), "
-                         "dgamma = sum(dy * x_hat), dbeta = sum(dy), means and sums over every axis but 1.")
-        _say(verbose, *lines)
-        return False
-    _say(verbose, f"All {len(cases)} cases pass: dx, dgamma and dbeta agree with the reference "
-                  f"(relative error below {tol:.0e}).")
-    return True
+        cases.append(Case(f"{k}: {name}", (dy, x, gamma, eps), tuple(_reference(dy, x, gamma, eps)), tol))
+    return run(fn, cases, inputs=("dy", "x", "gamma", "eps"), outputs=("dx", "dgamma", "dbeta"),
+               mistakes=_bn_mistakes, rel=True, match="bad", shape_hint=_bn_shape_hint,
+               mutation_hints={"dy": "work on new arrays (dx = dy - ..., not dy -= ...)",
+                               "x": "compute on new arrays (x_hat = (x - mu) * inv_std, not x -= mu)"},
+               unknown="compare with dx = gamma * inv_std * (dy - mean(dy) - x_hat * mean(dy * x_hat)), "
+                       "dgamma = sum(dy * x_hat), dbeta = sum(dy), means and sums over every axis but 1",
+               summary=f"dx, dgamma and dbeta agree with the reference (relative error below {tol:.0e})",
+               verbose=verbose)
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,6 +220,36 @@ def _step_of(g, exact):
     return h_eff if _rel(g, exact * np.sin(h_eff) / h_eff) < 1e-4 else None
 
 
+def _numgrad_mistakes(case):
+    f, x, h = case.args
+    exact, target = case.data["exact"], case.data["target"]
+    central = exact * np.sin(h) / h
+    fwd, bwd = np.empty_like(x), np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += h
+        xm[i] -= h
+        fwd[i] = (f(xp) - f(x)) / h
+        bwd[i] = (f(x) - f(xm)) / h
+    yield Mistake("forward differences (f(x + h) - f(x)) / h: their error is of order h (here "
+                  f"{_rel(fwd, exact):.1e}); central differences (f(x + h) - f(x - h)) / (2h) cancel the "
+                  "h term and err by order h**2", lambda case: fwd)
+    yield Mistake("backward differences (f(x) - f(x - h)) / h: their error is of order h; use central "
+                  "differences (f(x + h) - f(x - h)) / (2h)", lambda case: bwd)
+    yield Mistake("you divide by h instead of 2h: x + h and x - h are 2h apart", lambda case: 2 * central)
+    yield Mistake("you divide by 4h (or step by h/2): x + h and x - h are 2h apart, divide by 2h",
+                  lambda case: central / 2)
+    if target == "central":
+        yield Mistake(f"your result does not depend on the step h = {h:g} that was passed: use the argument h "
+                      "rather than a step of your own", lambda case: exact)
+    got = np.asarray(case.data["got"][0], dtype=np.float64)
+    h_eff = _step_of(got, exact) if _rel(got, exact) < 0.5 else None
+    if h_eff is not None:
+        yield Mistake(f"the result looks like central differences with a step of about {h_eff:.1g} instead of "
+                      f"the h = {h:g} that was passed: use the argument h as the step",
+                      lambda case: exact * np.sin(h_eff) / h_eff)
+
+
 def check_numerical_gradient(fn, verbose: bool = True) -> bool:
     """Check a reader's numerical gradient by central differences.
 
@@ -268,79 +264,34 @@ def check_numerical_gradient(fn, verbose: bool = True) -> bool:
     differences, dividing by h instead of 2h, ignoring h, not restoring x, ...) and returns True/False.
     """
     rng = np.random.default_rng(31)
-    cases = [
-        ("x of shape (5,), h = 1e-5", rng.uniform(-2, 2, 5), 1e-5, "gradient"),
-        ("x of shape (3, 4), h = 1e-5", rng.uniform(-2, 2, (3, 4)), 1e-5, "gradient"),
-        ("x of shape (2, 3, 2), h = 1e-2", rng.uniform(-2, 2, (2, 3, 2)), 1e-2, "central"),
+    raw = [
+        ("1: x of shape (5,), h = 1e-5", rng.uniform(-2, 2, 5), 1e-5, "gradient"),
+        ("2: x of shape (3, 4), h = 1e-5", rng.uniform(-2, 2, (3, 4)), 1e-5, "gradient"),
+        ("3: x of shape (2, 3, 2), h = 1e-2", rng.uniform(-2, 2, (2, 3, 2)), 1e-2, "central"),
     ]
-    for k, (name, x, h, target) in enumerate(cases, 1):
+    cases = []
+    for name, x, h, target in raw:
         w = rng.uniform(0.5, 2.0, x.shape)
-        f = _sin_loss(w)
-        x_in = x.copy()
-        try:
-            g = fn(f, x_in, h)
-        except Exception as e:
-            hint = ""
-            if x.ndim > 1 and isinstance(e, (IndexError, TypeError, ValueError)):
-                hint = " (does your loop handle x of any shape? np.ndindex(x.shape) visits every index)"
-            _say(verbose, f"case {k} {name}: your function raised {type(e).__name__}: {e}{hint}")
-            return False
-        if not np.array_equal(x_in, x):
-            change = float(np.max(np.abs(x_in - x)))
-            _say(verbose, f"case {k} {name}: your function left x changed (by up to {change:.3g}). Save the "
-                          "old value and restore it after the two evaluations: old = x[i]; x[i] = old + h; ...; "
-                          "x[i] = old (adding h back is not exact in floating point), or perturb a copy.")
-            return False
-        g = np.asarray(g, dtype=np.float64) if g is not None else None
-        if g is None or g.shape != x.shape:
-            _say(verbose, f"case {k} {name}: return an array of x's shape {x.shape}, got "
-                          f"{None if g is None else g.shape}")
-            return False
         exact = w * np.cos(x)
-        central = exact * np.sin(h) / h
-        ref = exact if target == "gradient" else central
-        tol = 1e-8 if target == "gradient" else 1e-9
-        err = _rel(g, ref)
-        if err <= tol:
-            continue
-        lines = [f"case {k} {name}: relative error {err:.2e} against the "
-                 f"{'exact gradient' if target == 'gradient' else 'exact central difference'} "
-                 f"(allowed {tol:.0e}); " + _worst(g, ref)]
-        fwd = np.empty_like(x)
-        bwd = np.empty_like(x)
-        for i in np.ndindex(x.shape):
-            xp, xm = x.copy(), x.copy()
-            xp[i] += h
-            xm[i] -= h
-            fwd[i] = (f(xp) - f(x)) / h
-            bwd[i] = (f(x) - f(xm)) / h
-        ratio = g / np.where(central == 0, 1.0, central)
-        if _rel(g, fwd) < 1e-6:
-            cause = ("forward differences (f(x + h) - f(x)) / h: their error is of order h (here "
-                     f"{_rel(fwd, exact):.1e}); central differences (f(x + h) - f(x - h)) / (2h) cancel the "
-                     "h term and err by order h**2")
-        elif _rel(g, bwd) < 1e-6:
-            cause = ("backward differences (f(x) - f(x - h)) / h: their error is of order h; use central "
-                     "differences (f(x + h) - f(x - h)) / (2h)")
-        elif np.allclose(ratio, 2.0, rtol=1e-5):
-            cause = "you divide by h instead of 2h: x + h and x - h are 2h apart"
-        elif np.allclose(ratio, 0.5, rtol=1e-5):
-            cause = "you divide by 4h (or step by h/2): x + h and x - h are 2h apart, divide by 2h"
-        elif target == "central" and _rel(g, exact) < 1e-7:
-            cause = (f"your result does not depend on the step h = {h:g} that was passed: use the argument h "
-                     "rather than a step of your own")
-        elif _rel(g, exact) < 0.5 and _step_of(g, exact) is not None:
-            # central differences with another step h': g = exact * sin(h') / h' ~ exact * (1 - h'**2 / 6)
-            cause = (f"the result looks like central differences with a step of about {_step_of(g, exact):.1g} "
-                     f"instead of the h = {h:g} that was passed: use the argument h as the step")
-        else:
-            cause = ("no common mistake matches; element i must be (f(x + h e_i) - f(x - h e_i)) / (2h), with "
-                     "x restored between elements")
-            if x.ndim > 1:
-                cause += ("; does your loop visit every element of a multi-dimensional x? np.ndindex(x.shape) "
-                          "gives every index tuple")
-        lines.append("  Likely cause: " + cause)
-        _say(verbose, *lines)
-        return False
-    _say(verbose, f"All {len(cases)} cases pass: central differences, the step used as given, x left unchanged.")
-    return True
+        ref = exact if target == "gradient" else exact * np.sin(h) / h
+        cases.append(Case(name, (_sin_loss(w), x, h), ref, 1e-8 if target == "gradient" else 1e-9,
+                          data={"exact": exact, "target": target}))
+
+    def raise_hint(e, case):
+        if case.args[1].ndim > 1 and isinstance(e, (IndexError, TypeError, ValueError)):
+            return "does your loop handle x of any shape? np.ndindex(x.shape) visits every index"
+        return None
+
+    def unknown(case, bad):
+        hint = ("element i must be (f(x + h e_i) - f(x - h e_i)) / (2h), with x restored between elements")
+        if case.args[1].ndim > 1:
+            hint += ("; does your loop visit every element of a multi-dimensional x? np.ndindex(x.shape) "
+                     "gives every index tuple")
+        return hint
+
+    return run(fn, cases, inputs=("f", "x", "h"), outputs=("the gradient",), mistakes=_numgrad_mistakes,
+               rel=True, raise_hints=raise_hint, unknown=unknown,
+               mutation_hints={"x": "save the old value and restore it after the two evaluations: old = x[i]; "
+                                    "x[i] = old + h; ...; x[i] = old (adding h back is not exact in floating "
+                                    "point), or perturb a copy"},
+               summary="central differences, the step used as given, x left unchanged", verbose=verbose)
