@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bnlib.exercises.harness import Case, Mistake, run
+
 __all__ = ["check_update_running_stats", "check_fold_bn_into_linear"]
 
 
@@ -75,18 +77,34 @@ def _update_reference(rm, rv, bm, bv, n, momentum, nbt, training):
     return _update_variant(rm, rv, bm, bv, n, momentum, nbt, training)
 
 
-def _diagnose_update(out_m, out_v, out_nbt, args) -> list[str]:
+def _update_mistakes(case):
+    args = case.args
     choices = {"var": ["unbiased", "biased", "inverted"], "convention": ["torch", "swapped"],
                "none": ["after", "before"], "in_eval": ["skip", "update"]}
     correct = {k: v[0] for k, v in choices.items()}
     combos = [dict(zip(choices, vals)) for vals in itertools.product(*choices.values())]
     combos.sort(key=lambda c: sum(c[k] != correct[k] for k in c))
     for combo in combos[1:]:
-        wm, wv, _ = _update_variant(*args, **combo)
-        if (np.allclose(out_m, wm, rtol=1e-9, atol=1e-12, equal_nan=True)
-                and np.allclose(out_v, wv, rtol=1e-9, atol=1e-12, equal_nan=True)):
-            return [_UPDATE_CAUSES[(k, v)] for k, v in combo.items() if v != correct[k]]
-    return []
+        yield Mistake([_UPDATE_CAUSES[(k, v)] for k, v in combo.items() if v != correct[k]],
+                      lambda case, combo=combo: _update_variant(*args, **combo))
+    rm, rv, *_, nbt, training = args
+    ref_m, ref_v, _ = case.expected
+    if training:
+        yield Mistake("num_batches_tracked counts every training batch: return num_batches_tracked + 1",
+                      lambda case: (ref_m, ref_v, nbt))
+    else:
+        yield Mistake("in eval mode nothing is counted: return num_batches_tracked unchanged",
+                      lambda case: (ref_m, ref_v, nbt + 1))
+
+
+def _update_raise_hint(e, case):
+    momentum = case.args[5]
+    if momentum is None and isinstance(e, TypeError):
+        return ("momentum=None is not handled; it means a cumulative average, with the factor "
+                "1 / (num_batches_tracked + 1) in place of momentum")
+    if momentum is None and isinstance(e, ZeroDivisionError):
+        return _UPDATE_CAUSES[("none", "before")]
+    return None
 
 
 def _update_cases():
@@ -121,64 +139,16 @@ def check_update_running_stats(fn: Callable, verbose: bool = True) -> bool:
     from a count of 0 and of 4, eval mode, a batch of two) against a float64 reference; prints one line
     per case and, at the first failure, the largest error and the likely cause. Returns True if all pass.
     """
-    say = print if verbose else (lambda *a, **k: None)
-    cases = _update_cases()
-    for name, rm, rv, bm, bv, n, momentum, nbt, training in cases:
-        args = (rm, rv, bm, bv, n, momentum, nbt, training)
-        ref_m, ref_v, ref_nbt = _update_reference(*args)
-        a_rm, a_rv, a_bm, a_bv = rm.copy(), rv.copy(), bm.copy(), bv.copy()
-        try:
-            with np.errstate(all="ignore"):
-                out = fn(a_rm, a_rv, a_bm, a_bv, n, momentum, nbt, training)
-        except NotImplementedError:
-            say("update_running_stats raises NotImplementedError: fill in the stub, then run the checker again")
-            return False
-        except Exception as e:  # the reader's code may fail in any way
-            say(f"case {name}: your function raised {type(e).__name__}: {e}")
-            if momentum is None and isinstance(e, TypeError):
-                say("  likely cause: momentum=None is not handled; it means a cumulative average, with the "
-                    "factor 1 / (num_batches_tracked + 1) in place of momentum")
-            elif momentum is None and isinstance(e, ZeroDivisionError):
-                say(f"  likely cause: {_UPDATE_CAUSES[('none', 'before')]}")
-            return False
-        if not (isinstance(out, tuple) and len(out) == 3):
-            say(f"case {name}: expected a tuple (running_mean, running_var, num_batches_tracked), "
-                f"got {type(out).__name__}{' of length ' + str(len(out)) if isinstance(out, tuple) else ''}")
-            return False
-        out_m, out_v = (np.asarray(a, dtype=np.float64) for a in out[:2])
-        out_nbt = out[2]
-        if out_m.shape != rm.shape or out_v.shape != rv.shape:
-            say(f"case {name}: shapes {out_m.shape} and {out_v.shape}, expected {rm.shape} (one value per channel)")
-            return False
-        err_m = float(np.nanmax(np.abs(out_m - ref_m))) if not np.isnan(out_m).all() else float("nan")
-        err_v = float(np.nanmax(np.abs(out_v - ref_v))) if not np.isnan(out_v).all() else float("nan")
-        ok_m = np.isfinite(out_m).all() and err_m <= 1e-10
-        ok_v = np.isfinite(out_v).all() and err_v <= 1e-10
-        if ok_m and ok_v and out_nbt == ref_nbt:
-            say(f"case {name}: ok")
-            continue
-        if ok_m and ok_v:
-            say(f"case {name}: num_batches_tracked = {out_nbt}, expected {ref_nbt}")
-            if training:
-                say("  likely cause: num_batches_tracked counts every training batch: return "
-                    "num_batches_tracked + 1")
-            else:
-                say("  likely cause: in eval mode nothing is counted: return num_batches_tracked unchanged")
-            return False
-        bad = [f"running_mean (max |error| = {err_m:.3g})"] * (not ok_m) + \
-              [f"running_var (max |error| = {err_v:.3g})"] * (not ok_v)
-        say(f"case {name}: {' and '.join(bad)} differ from the reference")
-        causes = _diagnose_update(out_m, out_v, out_nbt, args)
-        if causes:
-            for cause in causes:
-                say(f"  likely cause: {cause}")
-        else:
-            say("  not a mistake this checker recognises: with f = momentum (or 1 / (num_batches_tracked + 1) "
-                "when momentum is None), running_mean = (1 - f) * running_mean + f * batch_mean and "
-                "running_var = (1 - f) * running_var + f * batch_var * n / (n - 1)")
-        return False
-    say(f"all {len(cases)} cases agree with the reference (max |error| <= 1e-10)")
-    return True
+    cases = [Case(c[0], c[1:], _update_reference(*c[1:]), 1e-10) for c in _update_cases()]
+    return run(fn, cases, inputs=("running_mean", "running_var", "batch_mean", "batch_var", "n", "momentum",
+                                  "num_batches_tracked", "training"),
+               outputs=("running_mean", "running_var", "num_batches_tracked"), mutable=("running_mean", "running_var"),
+               mistakes=_update_mistakes, match="bad", raise_hints=_update_raise_hint,
+               unknown="with f = momentum (or 1 / (num_batches_tracked + 1) when momentum is None), "
+                       "running_mean = (1 - f) * running_mean + f * batch_mean and "
+                       "running_var = (1 - f) * running_var + f * batch_var * n / (n - 1)",
+               summary="the running statistics and the count agree with the reference (max |error| <= 1e-10)",
+               verbose=verbose)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,7 +180,9 @@ _FOLD_CAUSES = {
 }
 
 
-def _diagnose_fold(W_f, b_f, W, b, bn, batch_stats) -> list[str]:
+def _fold_mistakes(case):
+    W, b, bn = case.args
+    batch_stats = case.data["batch_stats"]
     gamma = np.ones(bn.num_features) if bn.weight is None else bn.weight.astype(np.float64)
     beta = np.zeros(bn.num_features) if bn.bias is None else bn.bias.astype(np.float64)
     bvec = np.zeros(W.shape[0]) if b is None else b
@@ -227,11 +199,23 @@ def _diagnose_fold(W_f, b_f, W, b, bn, batch_stats) -> list[str]:
         if combo["bias"] is False and b is None:
             continue
         mean, var = stats[combo["stats"]]
-        Wv, bv = _fold(W, bvec, mean, var, gamma, beta, bn.eps, eps_mode=combo["eps_mode"],
-                       axis=combo["axis"], bias=combo["bias"])
-        if np.allclose(W_f, Wv, rtol=1e-9, atol=1e-12) and np.allclose(b_f, bv, rtol=1e-9, atol=1e-12):
-            return [_FOLD_CAUSES[(k, v)] for k, v in combo.items() if v != correct[k]]
-    return []
+        yield Mistake([_FOLD_CAUSES[(k, v)] for k, v in combo.items() if v != correct[k]],
+                      lambda case, combo=combo, mean=mean, var=var: _fold(
+                          W, bvec, mean, var, gamma, beta, bn.eps, eps_mode=combo["eps_mode"],
+                          axis=combo["axis"], bias=combo["bias"]))
+
+
+def _fold_raise_hint(e, case):
+    W, b, bn = case.args
+    if "broadcast" in str(e):
+        return (f"the scale s = gamma / sqrt(running_var + eps) has one entry per OUTPUT feature ({W.shape[0]} "
+                f"here) and multiplies the rows of W (shape {W.shape}): W' = s[:, None] * W")
+    if b is None and "NoneType" in str(e):
+        return "this Linear has no bias (b is None); treat it as zeros"
+    if "more than 1 value per channel" in str(e):
+        return ("you called bn.forward in training mode; folding needs no data: use bn.weight, bn.bias, "
+                "bn.running_mean, bn.running_var and bn.eps")
+    return None
 
 
 def _fold_cases():
@@ -269,71 +253,20 @@ def check_fold_bn_into_linear(fn: Callable, verbose: bool = True) -> bool:
     W has shape (out, in), b shape (out,) or None (a Linear without bias), bn is a
     :class:`bnlib.numpy_bn.BatchNorm` of ``out`` features that has seen training batches. The folded layer
     must satisfy ``x @ W_fold.T + b_fold == bn(x @ W.T + b)`` with bn in eval mode (to 1e-10, float64),
-    whatever mode bn is in, and must leave W, b and bn unchanged. On the first failure prints which case,
-    the largest error and the likely cause. Returns True if all three cases pass.
+    whatever mode bn is in, and must leave W, b and bn (its parameters, statistics and mode) unchanged. On the
+    first failure prints which case, the largest error and the likely cause. Returns True if all three cases
+    pass.
     """
-    import copy
-
-    say = print if verbose else (lambda *a, **k: None)
-    cases = _fold_cases()
-    for name, W, b, bn, batch_stats, x in cases:
-        ref_bn = copy.deepcopy(bn).eval()
-        ref = ref_bn.forward(x @ W.T + (0 if b is None else b))
-        W_in = W.copy()
-        b_in = None if b is None else b.copy()
-        bn_in = copy.deepcopy(bn)
-        try:
-            out = fn(W_in, b_in, bn_in)
-        except NotImplementedError:
-            say("fold_bn_into_linear raises NotImplementedError: fill in the stub, then run the checker again")
-            return False
-        except Exception as e:
-            say(f"case {name}: your function raised {type(e).__name__}: {e}")
-            if "broadcast" in str(e):
-                say(f"  likely cause: the scale s = gamma / sqrt(running_var + eps) has one entry per OUTPUT "
-                    f"feature ({W.shape[0]} here) and multiplies the rows of W (shape {W.shape}): "
-                    f"W' = s[:, None] * W")
-            elif b is None and "NoneType" in str(e):
-                say("  likely cause: this Linear has no bias (b is None); treat it as zeros")
-            elif "more than 1 value per channel" in str(e):
-                say("  likely cause: you called bn.forward in training mode; folding needs no data: use "
-                    "bn.weight, bn.bias, bn.running_mean, bn.running_var and bn.eps")
-            return False
-        if not np.array_equal(W_in, W) or (b is not None and not np.array_equal(b_in, b)):
-            say(f"case {name}: your function modified W or b in place; return new arrays")
-            return False
-        if (not np.array_equal(bn_in.running_mean, bn.running_mean)
-                or not np.array_equal(bn_in.running_var, bn.running_var)
-                or bn_in.num_batches_tracked != bn.num_batches_tracked):
-            say(f"case {name}: your function changed bn's running statistics (did it call bn.forward in "
-                f"training mode?); folding reads bn.running_mean and bn.running_var and changes nothing")
-            return False
-        if not (isinstance(out, tuple) and len(out) == 2):
-            say(f"case {name}: expected a tuple (W_fold, b_fold), got {type(out).__name__}")
-            return False
-        W_f, b_f = (None if a is None else np.asarray(a, dtype=np.float64) for a in out)
-        if b_f is None:
-            say(f"case {name}: b_fold is None; the folded layer always has a bias "
-                f"(beta - running_mean * s, plus the scaled bias of the Linear)")
-            return False
-        if W_f.shape != W.shape or b_f.shape != (W.shape[0],):
-            say(f"case {name}: W_fold has shape {W_f.shape} and b_fold {b_f.shape}, expected {W.shape} and "
-                f"{(W.shape[0],)}")
-            return False
-        y = x @ W_f.T + b_f
-        err = float(np.max(np.abs(y - ref)))
-        if np.isfinite(y).all() and err <= 1e-10:
-            say(f"case {name}: ok")
-            continue
-        say(f"case {name}: x @ W_fold.T + b_fold differs from bn(x @ W.T + b) in eval mode, "
-            f"max |error| = {err:.3g}")
-        causes = _diagnose_fold(W_f, b_f, W, b, bn, batch_stats)
-        if causes:
-            for cause in causes:
-                say(f"  likely cause: {cause}")
-        else:
-            say("  not a mistake this checker recognises: with s = gamma / sqrt(running_var + eps), "
-                "W' = s[:, None] * W and b' = (b - running_mean) * s + beta")
-        return False
-    say(f"all {len(cases)} cases: the folded layer equals Linear -> BatchNorm in eval mode (max |error| <= 1e-10)")
-    return True
+    cases = []
+    for name, W, b, bn, batch_stats, x in _fold_cases():
+        bvec = np.zeros(W.shape[0]) if b is None else b
+        ref = _fold(W, bvec, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        cases.append(Case(name, (W, b, bn), ref, 1e-10, data={"batch_stats": batch_stats}))
+    return run(fn, cases, inputs=("W", "b", "bn"), outputs=("W_fold", "b_fold"), mistakes=_fold_mistakes,
+               raise_hints=_fold_raise_hint,
+               mutation_hints={"bn": "folding reads bn.weight, bn.bias, bn.running_mean, bn.running_var and "
+                                     "bn.eps and changes nothing: no bn.forward, no bn.eval() or bn.train()"},
+               unknown="with s = gamma / sqrt(running_var + eps), W' = s[:, None] * W and "
+                       "b' = (b - running_mean) * s + beta",
+               summary="the folded layer equals Linear -> BatchNorm in eval mode (max |error| <= 1e-10)",
+               verbose=verbose)

@@ -24,6 +24,7 @@ Defined in: chapters/01_why_normalize.ipynb ... chapters/07_mnist.ipynb (the "Ex
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,8 +88,10 @@ def _snapshot(obj):
         state = {f"{k}": v.detach().clone() for k, v in obj.state_dict().items()}
         state.update({f"{n}.training" if n else "training": m.training for n, m in obj.named_modules()})
         return state
-    if hasattr(obj, "__dict__") and not callable(obj):
-        return {k: _snapshot(v) for k, v in vars(obj).items() if not k.startswith("_") and not callable(v)}
+    if isinstance(obj, np.dtype):
+        return obj
+    if hasattr(obj, "__dict__") and not (inspect.isroutine(obj) or inspect.isclass(obj) or inspect.ismodule(obj)):
+        return {k: _snapshot(v) for k, v in vars(obj).items() if not k.startswith("_") and not inspect.isroutine(v)}
     if isinstance(obj, (int, float, bool, str, type(None), tuple)):
         return obj
     return None  # functions and other objects: not compared
@@ -332,8 +335,10 @@ def run(fn, cases: Sequence[Case], *, inputs: Sequence[str], outputs: Sequence[s
             say(f"case {case.name}: ok")
             continue
         kind = "relative error" if rel else "max |error|"
-        lines = [("  " if n else f"case {case.name}: ") + f"{outputs[i]} differs from the reference, {kind} = "
-                 f"{magnitude(errs[i], tols[i])}{_where(got[i], want[i])}" for n, i in enumerate(bad)]
+        lines = [("  " if n else f"case {case.name}: ") + (
+                 f"{outputs[i]} = {got[i]}, expected {want[i]}" if isinstance(want[i], (int, np.integer)) else
+                 f"{outputs[i]} differs from the reference, {kind} = {magnitude(errs[i], tols[i])}"
+                 f"{_where(got[i], want[i])}") for n, i in enumerate(bad)]
         case.data["got"] = got  # a mistake may depend on the reader's result (e.g. a step fitted to it)
         table = mistakes(case) if callable(mistakes) else mistakes
         which = range(len(got)) if match == "all" else bad
