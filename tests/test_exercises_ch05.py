@@ -77,10 +77,26 @@ def float32(x, gamma, beta, eps=1e-5):
     return good(x, gamma, beta, eps).astype(np.float32)
 
 
+def eps_hard_coded(x, gamma, beta, eps=1e-5):
+    """Ignores the eps argument: right on the eps=1e-5 cases, wrong on the eps=0.1 one."""
+    return good(x, gamma, beta, 1e-5)
+
+
+def test_bn2d_unrecognised_hint_names_the_right_target(capsys):
+    """The hint for an unknown mistake gives the variance a correct output has: gamma**2 * var / (var + eps),
+    not gamma**2 (which the eps-ignoring output matches on the eps=0.1 case)."""
+    def scaled(x, gamma, beta, eps=1e-5):
+        return 1.01 * good(x, gamma, beta, eps)
+
+    assert check_bn2d_forward(scaled) is False
+    out = capsys.readouterr().out
+    assert "not a mistake this checker recognises" in out and "gamma[c]**2 * var_c / (var_c + eps)" in out, out
+
+
 @pytest.mark.parametrize("fn", [good, good_torch])
 def test_bn2d_accepts_correct(fn, capsys):
     assert check_bn2d_forward(fn) is True
-    assert "all 4 cases agree" in capsys.readouterr().out
+    assert "all 4 cases pass" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fn, expected", [
@@ -94,10 +110,11 @@ def test_bn2d_accepts_correct(fn, capsys):
     (_axes((0, 2, 3), eps_outside=True), "eps is outside"),
     (swapped_affine, "swapped"),
     (no_affine, "forgot gamma and beta"),
-    (in_place, "modified its input"),
+    (in_place, "your function modified x in place"),
     (unbroadcast_gamma, "reshape them to (1, C, 1, 1)"),
-    (returns_tuple, "not (y, cache)"),
-    (float32, "dtype float32"),
+    (returns_tuple, "returned a tuple of 2, expected y only"),
+    (float32, "y has dtype float32, expected float64"),
+    (eps_hard_coded, "you used eps = 1e-5 instead of the eps passed to the function (0.1 here)"),
 ])
 def test_bn2d_diagnoses(fn, expected, capsys):
     assert check_bn2d_forward(fn) is False
@@ -157,6 +174,18 @@ def fold_no_padding(conv, bn):
     return folded
 
 
+def fold_float32(conv, bn):
+    """nn.Conv2d built without dtype=: float32 parameters, values right to about 1e-7 only."""
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    folded = torch.nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                             padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * s[:, None, None, None])
+        folded.bias.copy_((b - bn.running_mean) * s + bn.bias)
+    return folded
+
+
 def fold_naive_none_bias(conv, bn):
     folded = fold_good(conv, bn)
     with torch.no_grad():
@@ -184,7 +213,8 @@ def test_fold_accepts_correct(fn, capsys):
                 lambda b, bn, s: (b - bn.running_mean) * s + bn.bias), "inverse belongs"),
     (_fold_with(_s, lambda b, bn, s: (b - bn.running_mean) * s + bn.bias, lambda W, s: W * s[None, :, None, None]),
      "output channel o"),
-    (fold_in_place, "modified the original modules"),
+    (fold_in_place, "your function modified conv in place (conv.weight)"),
+    (fold_float32, "the folded conv's weight has dtype torch.float32, expected torch.float64"),
     (fold_no_bias, "has no bias"),
     (fold_no_padding, "copy stride, padding"),
     (fold_naive_none_bias, "conv.bias is None"),

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bnlib.exercises.harness import Case, Diagnosis, Mistake, run
+
 __all__ = ["check_bn2d_forward", "check_fold_bn"]
 
 
@@ -103,6 +105,22 @@ def _bn2d_cases() -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, float]]
     return cases
 
 
+def _bn2d_mistakes(case):
+    x, gamma, beta, eps = case.args
+    table = [Mistake(cause, lambda case, make=make: make()) for cause, make in _wrong_variants(x, gamma, beta, eps).items()]
+    if eps != 1e-5:
+        table.append(Mistake(f"you used eps = 1e-5 instead of the eps passed to the function ({eps:g} here): "
+                             "use the argument eps", lambda case: _reference(x, gamma, beta, 1e-5)))
+    return table
+
+
+def _bn2d_raise_hint(e, case):
+    if "broadcast" in str(e):
+        return ("gamma and beta have shape (C,); reshape them to (1, C, 1, 1) for an (N, C, H, W) array, or apply "
+                "them while the data is still (N*H*W, C)")
+    return None
+
+
 def check_bn2d_forward(fn: Callable, verbose: bool = True) -> bool:
     """Check ``fn(x, gamma, beta, eps) -> y``, batch norm over (N, H, W) per channel of an (N, C, H, W) array.
 
@@ -110,55 +128,15 @@ def check_bn2d_forward(fn: Callable, verbose: bool = True) -> bool:
     reference; on the first failure prints which case, the largest error and the likely cause.
     Returns True if every case agrees to 1e-10.
     """
-    say = print if verbose else (lambda *a, **k: None)
-    for name, x, gamma, beta, eps in _bn2d_cases():
-        x_in = x.copy()
-        try:
-            y = fn(x_in, gamma.copy(), beta.copy(), eps)
-        except Exception as e:  # the reader's code may fail in any way
-            say(f"case {name}: your function raised {type(e).__name__}: {e}")
-            if "broadcast" in str(e):
-                say("  likely cause: gamma and beta have shape (C,); reshape them to (1, C, 1, 1) for an "
-                    "(N, C, H, W) array, or apply them while the data is still (N*H*W, C)")
-            return False
-        if not np.array_equal(x_in, x):
-            say(f"case {name}: your function modified its input x in place; work on a copy")
-            return False
-        if not isinstance(y, np.ndarray):
-            say(f"case {name}: expected a NumPy array, got {type(y).__name__}"
-                + (" (return y only, not (y, cache))" if isinstance(y, tuple) else ""))
-            return False
-        if y.shape != x.shape:
-            say(f"case {name}: output shape {y.shape}, expected {x.shape} (reshape the (N*H*W, C) result to "
-                f"(N, H, W, C) and transpose(0, 3, 1, 2) back)")
-            return False
-        if y.dtype != np.float64:
-            say(f"case {name}: output dtype {y.dtype}, expected float64 (the input's dtype)")
-            return False
-        ref = _reference(x, gamma, beta, eps)
-        err = float(np.max(np.abs(y - ref)))
-        if err <= 1e-10:
-            continue
-        say(f"case {name}: y differs from the reference, max |error| = {err:.3g}")
-        causes = []
-        for cause, make in _wrong_variants(x, gamma, beta, eps).items():
-            try:
-                wrong = make()
-            except Exception:
-                continue
-            if wrong.shape == y.shape and np.allclose(y, wrong, rtol=1e-8, atol=1e-10):
-                causes.append(cause)
-        if causes:
-            for cause in causes:
-                say(f"  likely cause: {cause}")
-        else:
-            bad_c = np.max(np.abs(y - ref), axis=(0, 2, 3))
-            say(f"  max error per channel: {np.array2string(bad_c, precision=3)}")
-            say("  not a mistake this checker recognises: compare mean and variance of each output channel "
-                "(y[:, c]) with beta[c] and gamma[c]**2")
-        return False
-    say(f"all {len(_bn2d_cases())} cases agree with the reference (max error <= 1e-10)")
-    return True
+    cases = [Case(name, (x, gamma, beta, eps), _reference(x, gamma, beta, eps), 1e-10)
+             for name, x, gamma, beta, eps in _bn2d_cases()]
+    return run(fn, cases, inputs=("x", "gamma", "beta", "eps"), outputs=("y",), mistakes=_bn2d_mistakes,
+               raise_hints=_bn2d_raise_hint,
+               shape_hint=lambda label, y, case: ("reshape the (N*H*W, C) result to (N, H, W, C) and "
+                                                  "transpose(0, 3, 1, 2) back"),
+               unknown="compare the mean and variance of each output channel y[:, c] with beta[c] and "
+                       "gamma[c]**2 * var_c / (var_c + eps), var_c the biased variance of x[:, c]",
+               summary="y agrees with the reference (max |error| <= 1e-10)", verbose=verbose)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,77 +201,86 @@ def _fold_cases():
     return cases
 
 
+def _conv(x, W, b, conv):
+    import torch
+
+    return torch.nn.functional.conv2d(x, torch.as_tensor(W), torch.as_tensor(b), conv.stride, conv.padding,
+                                      conv.dilation, conv.groups)
+
+
+def _fold_args(conv, bn):
+    W = conv.weight.detach().numpy()
+    b = conv.bias.detach().numpy() if conv.bias is not None else np.zeros(W.shape[0])
+    return (W, b, bn.running_mean.numpy(), bn.running_var.numpy(), bn.weight.detach().numpy(),
+            bn.bias.detach().numpy(), bn.eps)
+
+
+def _fold_mistakes(case):
+    conv, bn = case.args
+    x = case.data["x"]
+    for cause, (Wv, bv) in _fold_variants(*_fold_args(conv, bn)).items():
+        yield Mistake(cause, lambda case, Wv=Wv, bv=bv: (Wv, bv, _conv(x, Wv, bv, conv).numpy()))
+
+
+def _fold_raise_hint(e, case):
+    conv, _ = case.args
+    if conv.bias is None and "NoneType" in str(e):
+        return "this conv has bias=False (conv.bias is None); treat its bias as zeros"
+    if "size of tensor" in str(e) or "must match" in str(e):
+        return (f"the scale s = gamma / sqrt(running_var + eps) has one entry per output channel "
+                f"({conv.out_channels} here); it multiplies W[o] for output channel o, i.e. s[:, None, None, None] "
+                f"against a weight of shape {tuple(conv.weight.shape)}")
+    return None
+
+
+def _fold_adapt(folded, case):
+    """The folded conv -> (its weight, its bias, folded(x)), with the structural diagnoses of a Conv2d."""
+    import torch
+
+    conv, _ = case.args
+    if not isinstance(folded, torch.nn.Conv2d):
+        raise Diagnosis(f"your function returned {type(folded).__name__}, expected a torch.nn.Conv2d")
+    if folded.bias is None:
+        raise Diagnosis("the folded conv has no bias; folding always produces one (beta - running_mean * s, plus "
+                        "the scaled conv bias), so create the conv with bias=True")
+    if folded.weight.dtype != conv.weight.dtype:
+        raise Diagnosis(f"the folded conv's weight has dtype {folded.weight.dtype}, expected {conv.weight.dtype} "
+                        f"(the original conv's): torch.nn.Conv2d(...) creates float32 parameters unless you pass "
+                        f"dtype=conv.weight.dtype (or start from copy.deepcopy(conv))")
+    x = case.data["x"]
+    try:
+        with torch.no_grad():
+            y = folded(x)
+    except Exception as e:  # noqa: BLE001 - the reader's module may fail in any way
+        raise Diagnosis(f"calling the folded conv raised {type(e).__name__}: {e}") from None
+    if y.shape != case.expected[2].shape:
+        raise Diagnosis(f"the folded conv gives shape {tuple(y.shape)}, expected {tuple(case.expected[2].shape)}: "
+                        f"copy stride, padding and dilation from the original conv "
+                        f"(stride={conv.stride}, padding={conv.padding})")
+    return folded.weight.detach().numpy(), folded.bias.detach().numpy(), y.numpy()
+
+
 def check_fold_bn(fn: Callable, verbose: bool = True) -> bool:
     """Check ``fn(conv, bn) -> torch.nn.Conv2d`` that folds an eval-mode ``BatchNorm2d`` into ``conv``.
 
     For three convolutions (with and without bias, stride, padding, a large eps) in float64 the folded
-    convolution must give ``bn(conv(x))`` to 1e-10 and leave ``conv`` and ``bn`` unchanged. On the first
-    failure prints which case, the largest error and the likely cause. Returns True if all cases pass.
+    convolution must have the folded weight and bias, give ``bn(conv(x))`` to 1e-10 and leave ``conv`` and
+    ``bn`` unchanged. On the first failure prints which case, the largest error and the likely cause. Returns
+    True if all cases pass.
     """
-    import copy
-
     import torch
 
-    say = print if verbose else (lambda *a, **k: None)
-    cases = _fold_cases()
-    for name, conv, bn, x in cases:
-        conv0, bn0 = copy.deepcopy(conv), copy.deepcopy(bn)
+    cases = []
+    for name, conv, bn, x in _fold_cases():
+        W_ref, b_ref = _fold_reference(*_fold_args(conv, bn))
         with torch.no_grad():
-            ref = bn(conv(x))
-        try:
-            folded = fn(conv, bn)
-        except Exception as e:
-            say(f"case {name}: your function raised {type(e).__name__}: {e}")
-            if conv.bias is None and "NoneType" in str(e):
-                say("  likely cause: this conv has bias=False (conv.bias is None); treat its bias as zeros")
-            elif "size of tensor" in str(e) or "must match" in str(e):
-                say(f"  likely cause: the scale s = gamma / sqrt(running_var + eps) has one entry per output "
-                    f"channel ({conv.out_channels} here); it multiplies W[o] for output channel o, i.e. "
-                    f"s[:, None, None, None] against a weight of shape {tuple(conv.weight.shape)}")
-            return False
-        changed = [n for n, t in list(conv.state_dict().items()) if not torch.equal(t, conv0.state_dict()[n])]
-        changed += [f"bn.{n}" for n, t in bn.state_dict().items() if not torch.equal(t, bn0.state_dict()[n])]
-        if changed:
-            say(f"case {name}: your function modified the original modules ({', '.join(changed)}); "
-                f"build a new Conv2d (or copy.deepcopy the conv) and write the folded values into it")
-            return False
-        if not isinstance(folded, torch.nn.Conv2d):
-            say(f"case {name}: expected a torch.nn.Conv2d, got {type(folded).__name__}")
-            return False
-        if folded.bias is None:
-            say(f"case {name}: the folded conv has no bias; folding always produces one "
-                f"(beta - running_mean * s, plus the scaled conv bias), so create the conv with bias=True")
-            return False
-        with torch.no_grad():
-            try:
-                y = folded.to(torch.float64)(x)
-            except Exception as e:
-                say(f"case {name}: calling the folded conv raised {type(e).__name__}: {e}")
-                return False
-        if y.shape != ref.shape:
-            say(f"case {name}: the folded conv gives shape {tuple(y.shape)}, expected {tuple(ref.shape)}: "
-                f"copy stride, padding and dilation from the original conv "
-                f"(stride={conv.stride}, padding={conv.padding})")
-            return False
-        err = float((y - ref).abs().max())
-        if err <= 1e-10:
-            continue
-        say(f"case {name}: folded_conv(x) differs from bn(conv(x)) in eval mode, max |error| = {err:.3g}")
-        W = conv.weight.detach().numpy()
-        b = conv.bias.detach().numpy() if conv.bias is not None else np.zeros(W.shape[0])
-        args = (W, b, bn.running_mean.numpy(), bn.running_var.numpy(), bn.weight.detach().numpy(),
-                bn.bias.detach().numpy(), bn.eps)
-        Wf, bf = folded.weight.detach().double().numpy(), folded.bias.detach().double().numpy()
-        W_ref, b_ref = _fold_reference(*args)
-        say(f"  max |W' - W'_ref| = {float(np.max(np.abs(Wf - W_ref))):.3g}, "
-            f"max |b' - b'_ref| = {float(np.max(np.abs(bf - b_ref))):.3g}")
-        causes = [c for c, (Wv, bv) in _fold_variants(*args).items()
-                  if Wv.shape == Wf.shape and np.allclose(Wf, Wv, atol=1e-10) and np.allclose(bf, bv, atol=1e-10)]
-        for c in causes:
-            say(f"  likely cause: {c}")
-        if not causes:
-            say("  not a mistake this checker recognises: with s = gamma / sqrt(running_var + eps), "
-                "W' = W * s[:, None, None, None] and b' = (b - running_mean) * s + beta")
-        return False
-    say(f"all {len(cases)} cases: the folded conv equals bn(conv(x)) in eval mode (max error <= 1e-10)")
-    return True
+            y_ref = bn(conv(x)).numpy()
+        cases.append(Case(name, (conv, bn), (W_ref, b_ref, y_ref), 1e-10, data={"x": x}))
+    return run(fn, cases, inputs=("conv", "bn"), outputs=("the folded weight", "the folded bias", "folded_conv(x)"),
+               adapt=_fold_adapt, mistakes=_fold_mistakes, match="bad", raise_hints=_fold_raise_hint,
+               mutation_hints={"conv": "build a new Conv2d (or copy.deepcopy the conv) and write the folded "
+                                       "values into it",
+                               "bn": "folding reads bn's parameters and running statistics and changes nothing"},
+               unknown="with s = gamma / sqrt(running_var + eps), W' = W * s[:, None, None, None] and "
+                       "b' = (b - running_mean) * s + beta",
+               summary="the folded conv equals bn(conv(x)) in eval mode (max |error| <= 1e-10)", verbose=verbose)
