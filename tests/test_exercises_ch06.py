@@ -107,6 +107,48 @@ class NumpyBackward(torch.autograd.Function):
         return torch.from_numpy(dx), None
 
 
+class InPlaceForward(torch.autograd.Function):
+    """Centres x in place (x.sub_(mu)): gradcheck used to end in autograd's raw RuntimeError."""
+
+    @staticmethod
+    def forward(x, eps):
+        mu, inv_std = _stats(x, eps)
+        x.sub_(mu)
+        return x * inv_std
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.eps = inputs[1]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        mu, inv_std = _stats(x, ctx.eps)
+        return _compact(dy, (x - mu) * inv_std, inv_std), None
+
+
+class DetachInBackward(torch.autograd.Function):
+    """Saves x as told, but recomputes x_hat from x.detach(): dx is right, its derivative in x is lost."""
+
+    @staticmethod
+    def forward(x, eps):
+        mu, inv_std = _stats(x, eps)
+        return (x - mu) * inv_std
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.eps = inputs[1]
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        x = x.detach()
+        mu, inv_std = _stats(x, ctx.eps)
+        return _compact(dy, (x - mu) * inv_std, inv_std), None
+
+
 class ReturnsTuple(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps):
@@ -143,13 +185,23 @@ def _unbiased(x, eps):
     (make(forward_fn=lambda x, eps: (x - x.mean(1, keepdim=True)) / (x.var(1, keepdim=True, correction=0) + eps).sqrt()),
      "over dim 1"),
     (make(forward_fn=lambda x, eps: x / (x.var(0, correction=0) + eps).sqrt()), "did not subtract the mean"),
-    (make(forward_fn=lambda x, eps: x.mean(0)), "output shape"),
-    (make(out_dtype=torch.float64), "output dtype torch.float64, expected torch.float32"),
+    (make(forward_fn=lambda x, eps: x.mean(0)), "x_hat has shape (3,), expected (8, 3)"),
+    (make(out_dtype=torch.float64), "x_hat has dtype torch.float64, expected torch.float32"),
     (NumpyBackward, "dx has no grad_fn"),
     (ReturnsTuple, "returned a tuple"),
+    (InPlaceForward, "modified x in place"),
+    (DetachInBackward, "your backward uses .detach() on x"),
     (lambda x, eps: x, "subclass of torch.autograd.Function"),
 ])
 def test_diagnoses(cls, expected, capsys):
     assert check_normalize_function(cls) is False
     out = capsys.readouterr().out
     assert expected in out, out
+    assert "Traceback" not in out
+
+
+def test_detach_is_not_told_to_save_x(capsys):
+    """The reader who saved x and used .detach() must not be told to 'save the input x', which they did."""
+    assert check_normalize_function(DetachInBackward) is False
+    out = capsys.readouterr().out
+    assert "Save the input x" not in out and ".detach()" in out, out

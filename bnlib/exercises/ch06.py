@@ -12,7 +12,11 @@ Defined in: chapters/06_bn_pytorch.ipynb
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+from bnlib.exercises.harness import Case, Diagnosis, Mistake, run
 
 __all__ = ["check_normalize_function"]
 
@@ -57,11 +61,6 @@ _FORWARD_CAUSES = {
 }
 
 
-def _fmt_err(err: float, tol: float) -> str:
-    """An error for a message: its value when it matters, a bound when it is rounding (machine-dependent digits)."""
-    return f"{err:.3g}" if err > tol else f"< {tol:.0e} (rounding)"
-
-
 def _cases():
     g = torch.Generator().manual_seed(11)
     return [
@@ -72,115 +71,144 @@ def _cases():
     ]
 
 
+_OUTPUTS = ("x_hat", "dx", "d<dx, v>/dx", "d<dx, v>/d(dy)")
+
+
+def _derivatives(forward, x, eps, dy, v):
+    """(x_hat, dx, d<dx, v>/dx, d<dx, v>/d(dy)) of ``forward(x, eps)`` by autograd (x and dy get requires_grad)."""
+    x.requires_grad_(True)
+    dy.requires_grad_(True)
+    y = forward(x, eps)
+    (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+    ddx, ddy = torch.autograd.grad(dx, (x, dy), v, allow_unused=True)
+    zero = torch.zeros_like(x)
+    return (y.detach(), dx.detach(), zero if ddx is None else ddx.detach(), zero if ddy is None else ddy.detach())
+
+
+def _backward_source(fn_class) -> str:
+    try:
+        return inspect.getsource(fn_class.backward)
+    except (OSError, TypeError):
+        return ""
+
+
+def _adapter(fn_class):
+    """The reader's Function as a function of (x, eps, dy, v) giving the four outputs, or a Diagnosis."""
+
+    def run_function(x, eps, dy, v):
+        x.requires_grad_(True)
+        dy.requires_grad_(True)
+        y = fn_class.apply(x, eps)
+        if isinstance(y, tuple):
+            raise Diagnosis(f"apply returned a tuple of {len(y)}; return x_hat only (save what backward needs with "
+                            f"ctx.save_for_backward, in forward or setup_context)")
+        if not isinstance(y, torch.Tensor):
+            raise Diagnosis(f"apply returned {type(y).__name__}, expected a tensor")
+        if y.shape != x.shape:
+            raise Diagnosis(f"x_hat has shape {tuple(y.shape)}, expected {tuple(x.shape)} (keep the batch "
+                            f"dimension; the statistics broadcast with keepdim=True)")
+        if y.dtype != x.dtype:
+            raise Diagnosis(f"x_hat has dtype {y.dtype}, expected {x.dtype}: compute in the input's dtype (a float64 "
+                            f"constant or torch.tensor(...) without dtype= can change it)")
+        if y.grad_fn is None:
+            raise Diagnosis(f"the output has no grad_fn: call {fn_class.__name__}.apply(x, eps), and do not detach "
+                            f"or convert to NumPy inside forward's return")
+        (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+        if dx.grad_fn is None:
+            raise Diagnosis("dx has no grad_fn, so it cannot be differentiated again: backward ran outside autograd "
+                            "(NumPy, .detach(), .item(), torch.no_grad()). Write backward with torch operations on "
+                            "tensors that require grad")
+        if dx.shape != x.shape or dx.dtype != x.dtype:
+            return y.detach(), dx.detach(), None, None
+        ddx, ddy = torch.autograd.grad(dx, (x, dy), v, allow_unused=True)
+        zero = torch.zeros_like(x)
+        return (y.detach(), dx.detach(), zero if ddx is None else ddx.detach(), zero if ddy is None else ddy.detach())
+
+    return run_function
+
+
+def _mistakes_for(fn_class):
+    source = _backward_source(fn_class)
+    detached = next((t for t in (".detach()", ".data", "no_grad", ".numpy()") if t in source), None)
+
+    def mistakes(case):
+        x, eps, dy, v = case.args
+        for cause, kw in _FORWARD_CAUSES.items():
+            yield Mistake(cause, lambda case, kw=kw: (_x_hat(x, eps, **kw), None, None, None))
+        for cause, dx in _dx_variants(x, dy, eps).items():
+            yield Mistake(cause, lambda case, dx=dx: (None, dx.to(x.dtype), None, None))
+        if detached:
+            cause = (f"d<dx, v>/dx is exactly zero: your backward uses {detached} on x (or on what it computes "
+                     f"from x), so autograd does not see that dx depends on x. Recompute mu, sigma and x_hat from "
+                     f"the saved x itself, without {detached}")
+        else:
+            cause = ("d<dx, v>/dx is exactly zero: backward uses x_hat or 1/sigma saved from forward. forward runs "
+                     "without autograd, so those tensors are constants: dx no longer depends on x. Save the input x "
+                     "and recompute mu, sigma and x_hat in backward with differentiable torch ops")
+        yield Mistake(cause, lambda case: (None, None, torch.zeros_like(x), None))
+        got, want = case.data["got"], case.expected
+        if torch.allclose(got[0], want[0], atol=case.tol[0], rtol=0) and \
+                torch.allclose(got[1], want[1], atol=case.tol[1], rtol=0):
+            yield Mistake("backward uses some tensor computed in forward (x_hat, mu or 1/sigma) as a constant: its "
+                          "dependence on x is lost. Save x and recompute them in backward",
+                          lambda case: (None, None, got[2], got[3]))
+
+    return mistakes
+
+
+def _raise_hint(e, case):
+    if "incorrect number of gradients" in str(e):
+        return "backward must return one gradient per input of forward: (dx, None), None for eps"
+    return None
+
+
+def _unknown(case, bad):
+    if "x_hat" in bad:
+        return "x_hat = (x - x.mean(0)) / sqrt(x.var(0, correction=0) + eps), statistics over dim 0"
+    return "the compact form is dx = (dy - mean(dy) - x_hat * mean(dy * x_hat)) / sqrt(var + eps), means over dim 0"
+
+
 def check_normalize_function(fn_class, verbose: bool = True) -> bool:
     """Check a ``torch.autograd.Function`` subclass with ``apply(x, eps) -> x_hat`` for (N, D) inputs.
 
     Cases: (8, 3) and (5, 4) float64 (the second with eps=0.5, where eps matters), and (6, 2) float32.
-    Tolerances: 1e-10 in float64, 1e-5 in float32. Returns True if everything passes.
+    Compared: x_hat, dx = d<x_hat, dy>/dx and the second derivative d<dx, v>/dx, d<dx, v>/d(dy), against
+    autograd through an independent formula. Tolerances: 1e-10 in float64, 1e-5 in float32 (100 times more for
+    the second derivative); then gradcheck and gradgradcheck in float64. Returns True if everything passes.
     """
-    say = print if verbose else (lambda *a, **k: None)
     if not (isinstance(fn_class, type) and issubclass(fn_class, torch.autograd.Function)):
-        say(f"expected a subclass of torch.autograd.Function (pass the class, not an instance or a function), "
-            f"got {fn_class!r}")
+        if verbose:
+            print(f"expected a subclass of torch.autograd.Function (pass the class, not an instance or a function), "
+                  f"got {fn_class!r}")
         return False
     gen = torch.Generator().manual_seed(12)
+    cases = []
     for name, x0, eps in _cases():
         tol = 1e-10 if x0.dtype == torch.float64 else 1e-5
-        x = x0.clone().requires_grad_(True)
-        # ---- forward
-        try:
-            y = fn_class.apply(x, eps)
-        except Exception as e:
-            say(f"case {name}: {fn_class.__name__}.apply(x, eps) raised {type(e).__name__}: {e}")
-            return False
-        if isinstance(y, tuple):
-            say(f"case {name}: apply returned a tuple of {len(y)}; return x_hat only "
-                f"(save what backward needs with ctx.save_for_backward, in forward or setup_context)")
-            return False
-        if not isinstance(y, torch.Tensor):
-            say(f"case {name}: expected a tensor, got {type(y).__name__}")
-            return False
-        if y.shape != x.shape:
-            say(f"case {name}: output shape {tuple(y.shape)}, expected {tuple(x.shape)} "
-                f"(keep the batch dimension; the statistics broadcast with keepdim=True)")
-            return False
-        if y.dtype != x.dtype:
-            say(f"case {name}: output dtype {y.dtype}, expected {x.dtype}: compute in the input's dtype "
-                f"(a float64 constant or torch.tensor(...) without dtype= can change it)")
-            return False
-        ref = _x_hat(x, eps)
-        err = float((y.detach() - ref.detach()).abs().max())
-        if err > tol:
-            say(f"case {name}: forward x_hat differs from the reference, max |error| = {err:.3g}")
-            causes = [c for c, kw in _FORWARD_CAUSES.items()
-                      if torch.allclose(y.detach(), _x_hat(x.detach(), eps, **kw), atol=tol, rtol=0)]
-            for c in causes:
-                say(f"  likely cause: {c}")
-            return False
-        if y.grad_fn is None:
-            say(f"case {name}: the output has no grad_fn: call {fn_class.__name__}.apply(x, eps), "
-                f"and do not detach or convert to NumPy inside forward's return")
-            return False
-        # ---- first derivative
-        dy = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype).requires_grad_(True)
-        try:
-            (dx,) = torch.autograd.grad(y, x, dy, create_graph=True)
-        except Exception as e:
-            say(f"case {name}: backward raised {type(e).__name__}: {e}")
-            if "incorrect number of gradients" in str(e):
-                say("  likely cause: backward must return one gradient per input of forward: (dx, None), "
-                    "None for eps")
-            return False
-        (dx_ref,) = torch.autograd.grad(ref, x, dy, create_graph=True)
-        if dx.shape != x.shape or dx.dtype != x.dtype:
-            say(f"case {name}: dx has shape {tuple(dx.shape)} and dtype {dx.dtype}; expected x's "
-                f"{tuple(x.shape)}, {x.dtype}")
-            return False
-        err = float((dx.detach() - dx_ref.detach()).abs().max())
-        if err > tol:
-            say(f"case {name}: dx differs from autograd's, max |error| = {err:.3g}")
-            causes = [c for c, v in _dx_variants(x.detach(), dy.detach(), eps).items()
-                      if torch.allclose(dx.detach(), v.to(x.dtype), atol=tol, rtol=0)]
-            for c in causes:
-                say(f"  likely cause: {c}")
-            if not causes:
-                say("  not a mistake this checker recognises: the compact form is "
-                    "dx = (dy - mean(dy) - x_hat * mean(dy * x_hat)) / sqrt(var + eps), means over dim 0")
-            return False
-        # ---- second derivative: differentiate <dx, v> with respect to x and dy
-        v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
-        if dx.grad_fn is None:
-            say(f"case {name}: dx has no grad_fn, so it cannot be differentiated again: backward ran "
-                f"outside autograd (NumPy, .detach(), .item(), torch.no_grad()). Write backward with "
-                f"torch operations on tensors that require grad")
-            return False
-        ddx, ddy = torch.autograd.grad(dx, (x, dy), v, allow_unused=True)
-        ddx_ref, ddy_ref = torch.autograd.grad(dx_ref, (x, dy), v)
-        ddx = torch.zeros_like(x) if ddx is None else ddx
-        ddy = torch.zeros_like(x) if ddy is None else ddy
-        err_x = float((ddx - ddx_ref).abs().max())
-        err_dy = float((ddy - ddy_ref).abs().max())
-        if err_x > 100 * tol or err_dy > 100 * tol:
-            say(f"case {name}: the second derivative is wrong (backward is not differentiable as written): "
-                f"max |error| {_fmt_err(err_x, 100 * tol)} in d<dx, v>/dx, {_fmt_err(err_dy, 100 * tol)} in d<dx, v>/d(dy)")
-            if float(ddx.abs().max()) == 0.0:
-                say("  likely cause: d<dx, v>/dx is exactly zero: backward uses x_hat or 1/sigma saved from "
-                    "forward. forward runs without autograd, so those tensors are constants: dx no longer "
-                    "depends on x. Save the input x and recompute mu, sigma and x_hat in backward with "
-                    "differentiable torch ops")
+        dy = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(x0.dtype)
+        v = torch.randn(x0.shape, generator=gen, dtype=torch.float64).to(x0.dtype)
+        ref = _derivatives(_x_hat, x0.clone(), eps, dy.clone(), v)
+        cases.append(Case(name, (x0, eps, dy, v), ref, (tol, tol, 100 * tol, 100 * tol)))
+
+    def after(case):
+        x0, eps = case.args[:2]
+        if x0.dtype != torch.float64:
+            return None
+        xs = x0[:4].clone().requires_grad_(True)
+        f = lambda t: fn_class.apply(t, eps)  # noqa: E731
+        for check in (torch.autograd.gradcheck, torch.autograd.gradgradcheck):
+            try:
+                ok = check(f, (xs,), raise_exception=False)
+            except Exception as e:  # noqa: BLE001 - the reader's code may fail in any way
+                ok, why = False, f" ({type(e).__name__}: {e})"
             else:
-                say("  likely cause: backward uses some tensor computed in forward (x_hat, mu or 1/sigma) as a "
-                    "constant: its dependence on x is lost. Save x and recompute them in backward")
-            return False
-        # ---- torch's own checks (float64 only)
-        if x.dtype == torch.float64:
-            xs = x0[:4].clone().requires_grad_(True)
-            f = lambda t: fn_class.apply(t, eps)  # noqa: E731
-            ok1 = torch.autograd.gradcheck(f, (xs,), raise_exception=False)
-            ok2 = torch.autograd.gradgradcheck(f, (xs,), raise_exception=False)
-            if not (ok1 and ok2):
-                say(f"case {name}: torch.autograd.{'gradcheck' if not ok1 else 'gradgradcheck'} fails on the "
-                    f"first 4 rows; run it with raise_exception=True to see the mismatching Jacobian")
-                return False
-    say(f"all {len(_cases())} cases pass: forward, dx, the second derivative, gradcheck and gradgradcheck")
-    return True
+                why = ""
+            if not ok:
+                return (f"torch.autograd.{check.__name__} fails on the first 4 rows{why}; run it with "
+                        f"raise_exception=True to see the mismatching Jacobian")
+        return None
+
+    return run(_adapter(fn_class), cases, inputs=("x", "eps", "dy", "v"), outputs=_OUTPUTS,
+               mistakes=_mistakes_for(fn_class), match="bad", raise_hints=_raise_hint, unknown=_unknown,
+               after=after, summary="forward, dx, the second derivative, gradcheck and gradgradcheck",
+               verbose=verbose)

@@ -54,8 +54,8 @@ class Case:
 @dataclass
 class Mistake:
     """A recognised mistake: the ``causes`` printed (one ``likely cause:`` line each) and ``make(case)``,
-    the outputs that mistake produces on the case (same structure as ``case.expected``; None if it does not
-    apply)."""
+    the outputs that mistake produces on the case (same structure as ``case.expected``, None for an output the
+    mistake says nothing about; None instead of the outputs if it does not apply to the case)."""
 
     causes: str | Sequence[str]
     make: Callable[[Case], Any]
@@ -351,7 +351,8 @@ def run(fn, cases: Sequence[Case], *, inputs: Sequence[str], outputs: Sequence[s
             if wrong is None:
                 continue
             wrong = _outputs(wrong, case.expected)
-            if len(wrong) == len(got) and all(_close(got[i], wrong[i], tols[i], rel) for i in which):
+            compared = [i for i in which if wrong[i] is not None]  # None in a mistake's outputs: not compared
+            if len(wrong) == len(got) and compared and all(_close(got[i], wrong[i], tols[i], rel) for i in compared):
                 causes = [m.causes] if isinstance(m.causes, str) else list(m.causes)
                 break
         if causes:
