@@ -205,3 +205,20 @@ def test_detach_is_not_told_to_save_x(capsys):
     assert check_normalize_function(DetachInBackward) is False
     out = capsys.readouterr().out
     assert "Save the input x" not in out and ".detach()" in out, out
+
+
+def test_harness_turns_autograd_inplace_error_into_a_diagnosis(capsys):
+    """autograd's 'modified by an inplace operation' (raised inside the reader's code) is named, not a traceback."""
+    from bnlib.exercises.harness import Case, run
+
+    def exp_then_shift(x):
+        x = x.clone().requires_grad_(True)
+        y = x.exp()
+        y.add_(1.0)           # exp saved its output for backward
+        y.sum().backward()
+        return x.grad
+
+    x = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert run(exp_then_shift, [Case("A", (x,), x.exp())], inputs=("x",), outputs=("grad",)) is False
+    out = capsys.readouterr().out
+    assert "case A: you modified x in place" in out and "Traceback" not in out, out
