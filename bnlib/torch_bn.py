@@ -175,10 +175,6 @@ class BatchNormFunctionWithJvp(BatchNormFunction):
         return ty.to(x.dtype), None, None
 
 
-# Chapter 6 prints this name; the differentiable backward is BatchNormFunction.backward itself.
-_backward_differentiable = BatchNormFunction.backward
-
-
 class BatchNormFunctionSavedXHat(torch.autograd.Function):
     """Deliberately naive BN Function that saves x_hat and inv_std from forward.
 
