@@ -46,6 +46,17 @@ def _offline_scripts(app, pagename, templatename, context, doctree):
     context["script_files"] = kept
 
 
+# Printed output wraps at the page width, as in JupyterLab's output area, so no printed line is cut off in a
+# 1280-px window. Code is not wrapped by the browser: code cells are wrapped in the source to fit (77 columns,
+# tests/test_rendered_book.py measures every code block).
+OUTPUT_CSS = ("<style>div.cell_output pre, div.highlight-text pre "
+              "{ white-space: pre-wrap; overflow-wrap: anywhere; }</style>")
+
+
+def _wrap_output(app, pagename, templatename, context, doctree):
+    context["metatags"] = context.get("metatags", "") + "\n" + OUTPUT_CSS
+
+
 class RemoveSolutions(SphinxTransform):
     """The student edition: drop every solution, gated or not, once sphinx-exercise has assembled it."""
 
@@ -74,4 +85,5 @@ def setup(app):
     app.add_transform(RemoveSolutions)
     app.connect("autodoc-process-docstring", _verbatim_with_links)
     app.connect("html-page-context", _offline_scripts, priority=900)
+    app.connect("html-page-context", _wrap_output)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
