@@ -3,8 +3,9 @@
 Builds the book first (tools/build_book.py; a no-op when the build is current), serves _build/html on
 127.0.0.1, and checks each page listed in _toc.yml: it loads, math is typeset by the vendored MathJax (no raw
 TeX left in the text), every image loads, nothing is requested from outside, no console errors, and every
-internal link (page and anchor) resolves. Screenshots of the landing page and the MNIST chapter are written to
-_build/screenshots/ as artifacts. Skipped only where Chromium is absent; .ci/run installs it.
+internal link (page and anchor) resolves, no code block is wider than the page at a 1280-px window (no horizontal
+scrolling, hidden inputs opened), and no internal equation label (``eq-...``) reaches the text. Screenshots of the
+landing page and the MNIST chapter are written to _build/screenshots/ as artifacts. Skipped only where Chromium is absent; .ci/run installs it.
 """
 
 import functools
@@ -82,6 +83,18 @@ VISIBLE_TEXT = """() => { const c = document.querySelector('main') || document.b
   return d.innerText; }"""
 
 
+# Code blocks that scroll sideways at the viewport: inputs of code cells, literal blocks and outputs (outputs wrap
+# by CSS, tools/sphinx_bnlib.py; code is wrapped in the source, 77 columns). Hidden blocks have zero width.
+OVERFLOWING_CODE = """() => [...new Set(document.querySelectorAll('div.highlight pre, .cell_input pre'))]
+  .filter(p => p.scrollWidth > p.clientWidth)
+  .map(p => { const lines = p.textContent.split('\\n');
+              const longest = lines.reduce((a, b) => b.length > a.length ? b : a, '');
+              const sec = p.closest('section[id]');
+              return `#${sec ? sec.id : '?'}: ${p.scrollWidth} > ${p.clientWidth} px, ` +
+                     `longest line (${longest.length} chars): ${longest.trim().slice(0, 60)}`; })"""
+MAIN_TEXT = "() => (document.querySelector('main') || document.body).innerText"
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_page_renders(site, browser, page):
     url = urljoin(site, f"{page}.html")
@@ -131,6 +144,14 @@ def test_page_renders(site, browser, page):
     if page in ("index", "chapters/07_mnist"):
         SHOTS.mkdir(parents=True, exist_ok=True)
         tab.screenshot(path=str(SHOTS / f"{Path(page).name}.png"), full_page=page != "index")
+
+    # with every collapsed block opened (hide-input cells, dropdowns): code fits the page, and the text a reader
+    # sees, code and outputs included, shows equation numbers, never the labels behind them
+    tab.evaluate("() => document.querySelectorAll('details').forEach(d => { d.open = true; })")
+    wide = tab.evaluate(OVERFLOWING_CODE)
+    assert not wide, f"{page}: {len(wide)} code blocks scroll sideways at 1280 px: {wide[:8]}"
+    labels = sorted(set(re.findall(r"\beq-[\w-]+", tab.evaluate(MAIN_TEXT))))
+    assert not labels, f"{page}: internal equation labels in the page text: {labels}"
     tab.close()
 
 
