@@ -5,7 +5,8 @@ Builds the book first (tools/build_book.py; a no-op when the build is current), 
 TeX left in the text), every image loads, nothing is requested from outside, no console errors, and every
 internal link (page and anchor) resolves, no code block is wider than the page at a 1280-px window (no horizontal
 scrolling, hidden inputs opened), and no internal equation label (``eq-...``) reaches the text. Screenshots of the
-landing page and the MNIST chapter are written to _build/screenshots/ as artifacts. Skipped only where Chromium is absent; .ci/run installs it.
+landing page and the MNIST chapter are written to _build/screenshots/ as artifacts. Skipped only where Chromium is
+absent; .ci/run installs it.
 """
 
 import functools
