@@ -123,14 +123,23 @@ def test_silent_mode(capsys):
 
 
 def test_trained_bn_mlp_stand_in():
-    """The short-run stand-in is the chapter's BN MLP, in training mode, and it has learned something."""
+    """The short-run stand-in is the chapter's BN MLP, in training mode, and the answers of the two exercises
+    that use it hold for it: batches of two land between chance and eval mode; scaling the first layer by 0.1
+    leaves training-mode predictions alone and ruins eval mode."""
     from bnlib import mnist
     from bnlib.torch_bn import BatchNorm1d
 
-    net = ch07.trained_bn_mlp(steps=200)
+    net = ch07.trained_bn_mlp()
     assert isinstance(net, torch.nn.Sequential) and net.training
     assert sum(isinstance(m, BatchNorm1d) for m in net) == 3
     images, labels = mnist.load_mnist(train=False)
-    x = mnist.binarize(images[:2000])
-    _, acc = mnist.evaluate(net, x, labels[:2000])
-    assert acc > 0.5, acc  # chance is 0.1
+    x = mnist.binarize(images)
+    acc_eval = mnist.evaluate(net, x, labels)[1]
+    acc_two = mnist.evaluate(net, x, labels, batch_size=2, train_mode=True)[1]
+    assert acc_eval > 0.8 and 0.1 < acc_two < acc_eval - 0.05, (acc_eval, acc_two)
+    before_train = mnist.evaluate(net, x, labels, 1000, train_mode=True)[1]
+    with torch.no_grad():
+        net[0].weight.mul_(0.1)
+    after_train = mnist.evaluate(net, x, labels, 1000, train_mode=True)[1]
+    after_eval = mnist.evaluate(net, x, labels)[1]
+    assert abs(after_train - before_train) < 0.005 and after_eval < acc_eval - 0.3, (after_train, after_eval)
