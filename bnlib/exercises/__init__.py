@@ -4,6 +4,10 @@ Each checker runs the reader's function on several cases against the reference i
 precise diagnosis of the first failure (which case, which output, the largest error, the likely cause) and
 returns True or False. Imported lazily, so a NumPy-only chapter does not pay for torch.
 
+Every checker runs on one harness, :mod:`bnlib.exercises.harness` (safe call, mutation of the inputs, return
+type, tuple length, shape, dtype, values, then the checker's table of recognised mistakes, in one wording); a
+chapter's module declares only its cases, its reference and its mistakes.
+
 Defined in: chapters/01_why_normalize.ipynb, chapters/02_bn_transform.ipynb, chapters/03_bn_backward.ipynb,
 chapters/04_train_vs_inference.ipynb, chapters/05_bn_conv.ipynb, chapters/06_bn_pytorch.ipynb,
 chapters/07_mnist.ipynb (the "Exercises" section of each).

@@ -31,19 +31,6 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a - b), initial=0.0)) / scale
 
 
-def _worst(a, b) -> str:
-    """Where a and b differ most, as text."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    idx = np.unravel_index(int(np.argmax(np.abs(a - b))), a.shape) if a.size else ()
-    idx = tuple(int(i) for i in idx)
-    return f"largest error {float(np.abs(a - b)[idx]):.3e} at index {idx}: yours {float(a[idx]):.6g}, expected {float(b[idx]):.6g}"
-
-
-def _say(verbose: bool, *lines: str) -> None:
-    if verbose:
-        print("\n".join(lines))
-
-
 # ----------------------------------------------------------------------------------------
 # Exercise: the compact backward pass
 # ----------------------------------------------------------------------------------------
