@@ -105,7 +105,10 @@ def _same(a, b) -> bool:
     if torch is not None and isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and \
             bool(torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
-    return a == b
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError):  # e.g. an array compared with a scalar
+        return False
 
 
 def changes(before, obj, label: str) -> list[str]:
