@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Case", "Mistake", "Diagnosis", "run", "magnitude", "changes"]
+__all__ = ["Case", "Mistake", "Diagnosis", "call", "run", "magnitude", "changes"]
 
 
 class Diagnosis(Exception):
