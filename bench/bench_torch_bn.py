@@ -99,6 +99,12 @@ def _candidates(shape, compiled: bool):
     fns = {"native F.batch_norm": F.batch_norm, "bnlib.torch_bn": torch_bn.batch_norm}
     compile_s = {}
     if compiled:
+        if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+            # torch's scalar code path (ATEN_CPU_CAPABILITY=default, the portability check of `make test`):
+            # inductor's vectorised C++ needs vector headers that path lacks, so ask it for scalar loops.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.cpp.vec_isa_ok = False
         fns["bnlib.torch_bn compiled"] = torch.compile(torch_bn.batch_norm, fullgraph=True, dynamic=False)
     cands = {}
     for name, bn in fns.items():
