@@ -73,6 +73,15 @@ def update_in_eval(rm, rv, bm, bv, n, momentum, nbt, training):
     return (1 - f) * rm + f * bm, (1 - f) * rv + f * bv * n / (n - 1), nbt
 
 
+def update_counts_in_eval(rm, rv, bm, bv, n, momentum, nbt, training):
+    """Leaves the statistics alone in eval mode, but counts the batch anyway."""
+    if not training:
+        return rm, rv, nbt + 1
+    nbt = nbt + 1
+    f = 1.0 / nbt if momentum is None else momentum
+    return (1 - f) * rm + f * bm, (1 - f) * rv + f * bv * n / (n - 1), nbt
+
+
 def update_no_count(rm, rv, bm, bv, n, momentum, nbt, training):
     if not training:
         return rm, rv, nbt
@@ -114,6 +123,7 @@ def test_update_accepts_correct(fn, capsys):
     (update_none_before_float, "AFTER counting this batch"),
     (update_in_eval, "training=False"),
     (update_no_count, "counts every training batch"),
+    (update_counts_in_eval, "in eval mode nothing is counted"),
     (update_inverted, "upside down"),
     (update_stub, "NotImplementedError"),
 ])
