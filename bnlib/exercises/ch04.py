@@ -143,7 +143,7 @@ def check_update_running_stats(fn: Callable, verbose: bool = True) -> bool:
     return run(fn, cases, inputs=("running_mean", "running_var", "batch_mean", "batch_var", "n", "momentum",
                                   "num_batches_tracked", "training"),
                outputs=("running_mean", "running_var", "num_batches_tracked"), mutable=("running_mean", "running_var"),
-               mistakes=_update_mistakes, match="bad", raise_hints=_update_raise_hint,
+               mistakes=_update_mistakes, raise_hints=_update_raise_hint,
                unknown="with f = momentum (or 1 / (num_batches_tracked + 1) when momentum is None), "
                        "running_mean = (1 - f) * running_mean + f * batch_mean and "
                        "running_var = (1 - f) * running_var + f * batch_var * n / (n - 1)",

@@ -277,7 +277,7 @@ def check_fold_bn(fn: Callable, verbose: bool = True) -> bool:
             y_ref = bn(conv(x)).numpy()
         cases.append(Case(name, (conv, bn), (W_ref, b_ref, y_ref), 1e-10, data={"x": x}))
     return run(fn, cases, inputs=("conv", "bn"), outputs=("the folded weight", "the folded bias", "folded_conv(x)"),
-               adapt=_fold_adapt, mistakes=_fold_mistakes, match="bad", raise_hints=_fold_raise_hint,
+               adapt=_fold_adapt, mistakes=_fold_mistakes, raise_hints=_fold_raise_hint,
                mutation_hints={"conv": "build a new Conv2d (or copy.deepcopy the conv) and write the folded "
                                        "values into it",
                                "bn": "folding reads bn's parameters and running statistics and changes nothing"},

@@ -277,7 +277,7 @@ def run(fn, cases: Sequence[Case], *, inputs: Sequence[str], outputs: Sequence[s
         shape_hint: Callable[[str, Any, Case], str] | None = None,
         adapt: Callable[[Any, Case], Any] | None = None,
         after: Callable[[Case], str | None] | None = None,
-        rel: bool = False, match: str = "all", verbose: bool = True) -> bool:
+        rel: bool = False, verbose: bool = True) -> bool:
     """Run ``fn`` on every case and print the diagnosis of the first failure; True if every case passes.
 
     inputs / outputs : names of the function's arguments and of its outputs, for the messages.
@@ -290,7 +290,6 @@ def run(fn, cases: Sequence[Case], *, inputs: Sequence[str], outputs: Sequence[s
     adapt            : turns the reader's return value into the outputs compared (may raise Diagnosis).
     after            : a last check of a case whose outputs agree (returns a message if it fails).
     rel              : errors relative to the largest magnitude of the reference output.
-    match            : "all" (a mistake must reproduce every output) or "bad" (only the wrong ones).
     """
     say = (lambda *lines: print("\n".join(str(s) for s in lines))) if verbose else (lambda *lines: None)
     mutation_hints = mutation_hints or {}
@@ -344,7 +343,6 @@ def run(fn, cases: Sequence[Case], *, inputs: Sequence[str], outputs: Sequence[s
                  f"{_where(got[i], want[i])}") for n, i in enumerate(bad)]
         case.data["got"] = got  # a mistake may depend on the reader's result (e.g. a step fitted to it)
         table = mistakes(case) if callable(mistakes) else mistakes
-        which = range(len(got)) if match == "all" else bad
         causes = None
         for m in table:
             try:
@@ -354,7 +352,7 @@ def run(fn, cases: Sequence[Case], *, inputs: Sequence[str], outputs: Sequence[s
             if wrong is None:
                 continue
             wrong = _outputs(wrong, case.expected)
-            compared = [i for i in which if wrong[i] is not None]  # None in a mistake's outputs: not compared
+            compared = [i for i in range(len(got)) if wrong[i] is not None]  # None: not part of the mistake
             if len(wrong) == len(got) and compared and all(_close(got[i], wrong[i], tols[i], rel) for i in compared):
                 causes = [m.causes] if isinstance(m.causes, str) else list(m.causes)
                 break
