@@ -4,7 +4,7 @@ Both pipelines deliver the same thing, standardised float32 minibatches ``(B, 1,
 
 * ``dataloader``: ``torchvision.datasets.MNIST(transform=Compose([ToTensor(), Normalize(mean, std)]))`` in a
   ``DataLoader(shuffle=True, num_workers=0)``: one PIL image and two transforms per sample, then collation;
-* ``index batching``: the split standardised once as one tensor (:func:`bnlib.mnist.standardize`), then one
+* ``index batching``: the split standardised once as one tensor (:func:`bnlib.data.standardize`), then one
   gather ``x[idx]`` per minibatch with indices from :func:`bnlib.mnist.batch_indices`.
 
 Run: ``python bench/bench_data.py [--quick]``. ``main(quick)`` returns the rows and prints a Markdown table.
@@ -38,8 +38,8 @@ def main(quick: bool = False) -> list[dict]:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from bnlib.data import default_root, provision_mnist
-    from bnlib.mnist import MNIST_MEAN, MNIST_STD, batch_indices, load_mnist, standardize
+    from bnlib.data import MNIST_MEAN, MNIST_STD, default_root, load_mnist, provision_mnist, standardize
+    from bnlib.mnist import batch_indices
 
     torch.set_num_threads(1)
     root = str(provision_mnist(default_root(), verbose=False))

@@ -1,12 +1,19 @@
 """bnlib: Batch Normalization from scratch, the library the book's chapters build.
 
-Modules
+Modules (the chapter that defines each; CONTRIBUTING.md maps chapter <-> module <-> test)
 -------
-numpy_bn   NumPy forward/backward and a BatchNorm layer with PyTorch's semantics.
-gradcheck  Central-difference numerical gradients and relative errors.
-torch_bn   A torch.autograd version: drop-in replacements for torch.nn.BatchNorm1d/2d/3d.
-data       MNIST provisioning (offline-friendly) and whole-dataset tensors.
-utils      Seeds and thread settings shared by the chapters.
+motivation  ch01  least-squares conditioning, the recording sigmoid network (Figure 1 in NumPy), noisy BN.
+data        ch01  MNIST: provisioning (offline-friendly) and the one reader of the raw files (NumPy and torch views).
+utils       ch01  seeds and thread settings shared by the chapters.
+layers      ch01/04  NumPy layers: sigmoid, ReLU, Linear, BatchNorm, softmax cross-entropy, the MLP and its training.
+numpy_bn    ch02-04  NumPy batch-norm forward/backward and a BatchNorm layer with PyTorch's semantics.
+gradcheck   ch03  central-difference numerical gradients and relative errors.
+inference   ch04  population statistics for inference (the paper's Algorithm 2, or exact).
+torch_bn    ch06  a torch.autograd version: drop-in replacements for torch.nn.BatchNorm1d/2d/3d.
+models      ch06/07  torch networks: the seed CNN, the Figure 1 MLP (one seed, or many seeds batched).
+mnist       ch07  the MNIST experiments: minibatch indices, Figure 1, the CNN runs.
+exercises   ch01-07  one checker module per chapter on one harness (exercises/harness.py).
+__main__    ch07  command line: python -m bnlib data | figure1 | cnn.
 """
 
 __version__ = "0.1.0"

@@ -12,7 +12,13 @@ archives in torchvision's table). A missing, truncated or corrupt file is replac
 has it; if none does, :class:`MNISTUnavailableError` names each bad file and says what to do. Every network
 step has a timeout, so an offline machine gets that error in seconds instead of a hang.
 
-Defined in: chapters/01_why_normalize.ipynb (setup); used in chapters/07_mnist.ipynb.
+Reading: :func:`read_mnist` is the one reader of the raw IDX files (NumPy, no torch or torchvision import);
+every chapter's MNIST is a thin view of it: :func:`load_mnist_numpy` (flat uint8 images, chapter 1),
+:func:`mnist_features` (average-pooled float32 features, chapter 4), :func:`load_mnist` (torch tensors, the
+layout of ``torchvision.datasets.MNIST``'s ``data``/``targets``, chapters 5-7), with :func:`binarize` and
+:func:`standardize` turning the uint8 tensor into network inputs.
+
+Defined in: chapters/01_why_normalize.ipynb; used in every chapter that reads MNIST.
 """
 
 from __future__ import annotations
@@ -32,6 +38,14 @@ __all__ = [
     "default_root",
     "verify_mnist",
     "provision_mnist",
+    "read_mnist",
+    "load_mnist_numpy",
+    "mnist_features",
+    "load_mnist",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "binarize",
+    "standardize",
 ]
 
 #: raw IDX file name -> (md5 of the file, size in bytes). The archives these come from are the ones in
@@ -245,3 +259,100 @@ def provision_mnist(
             f"`make data`, or copy the four raw IDX files ({', '.join(MNIST_FILES)}) into {raw}."
         )
     return root
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading: one reader of the raw IDX files, and the views the chapters use
+# --------------------------------------------------------------------------------------------------
+
+#: mean and standard deviation of the training pixels scaled to [0, 1] (the usual Normalize constants).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+_PROVISIONED: set[Path] = set()
+
+
+def _read_idx(path: Path):
+    """An IDX file (big-endian header: two zero bytes, type 0x08 = uint8, ndim, then ndim uint32 sizes)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        header = f.read(4)
+        ndim = header[3]
+        shape = tuple(int.from_bytes(f.read(4), "big") for _ in range(ndim))
+    return np.fromfile(path, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def read_mnist(train: bool = True, root: str | os.PathLike | None = None):
+    """The MNIST split as NumPy arrays: images ``(N, 28, 28)`` uint8 and labels ``(N,)`` uint8.
+
+    N = 60,000 (train) or 10,000 (test). :func:`provision_mnist` makes sure the raw files are there and
+    canonical (once per process and root: it md5-checks ~55 MB); the files are then read directly, so a
+    NumPy-only chapter pays no torch/torchvision import.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    root = Path(root if root is not None else default_root()).resolve()
+    if root not in _PROVISIONED:
+        provision_mnist(root, verbose=False)
+        _PROVISIONED.add(root)
+    raw = root / "MNIST" / "raw"
+    prefix = "train" if train else "t10k"
+    return _read_idx(raw / f"{prefix}-images-idx3-ubyte"), _read_idx(raw / f"{prefix}-labels-idx1-ubyte")
+
+
+def load_mnist_numpy(train: bool = True, root: str | os.PathLike | None = None):
+    """MNIST images ``(N, 784)`` and labels ``(N,)`` as uint8 arrays (:func:`read_mnist`, flattened).
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
+    images, labels = read_mnist(train, root)
+    return images.reshape(len(images), -1), labels
+
+
+def mnist_features(train: bool = True, pool: int = 2, root=None):
+    """MNIST as NumPy arrays: X (N, (28/pool)**2) float32 in [0, 1], y (N,) int64.
+
+    Each image is average-pooled over pool x pool blocks (pool=2: 14x14 = 196 features), which keeps the
+    chapter's training runs to about a second. N = 60,000 (train) or 10,000 (test).
+
+    Defined in: chapters/04_train_vs_inference.ipynb
+    """
+    import numpy as np
+
+    images, labels = read_mnist(train, root)
+    N, H, W = images.shape
+    if H % pool or W % pool:
+        raise ValueError(f"pool={pool} must divide the image size {H}x{W}")
+    pooled = images.reshape(N, H // pool, pool, W // pool, pool).mean(axis=(2, 4), dtype=np.float32)
+    X = (pooled / np.float32(255.0)).reshape(N, -1)
+    return np.ascontiguousarray(X, dtype=np.float32), labels.astype(np.int64)
+
+
+def load_mnist(train: bool = True, root=None):
+    """The whole MNIST split as torch tensors: images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64.
+
+    The same tensors as ``torchvision.datasets.MNIST(root, train).data`` and ``.targets``, read by
+    :func:`read_mnist` without importing torchvision.
+
+    Defined in: chapters/05_bn_conv.ipynb; used in chapters/06_bn_pytorch.ipynb and chapters/07_mnist.ipynb
+    """
+    import torch
+
+    images, labels = read_mnist(train, root)
+    return torch.from_numpy(images), torch.from_numpy(labels.astype("int64"))
+
+
+def binarize(images, threshold: float = 0.5):
+    """Binary inputs of Figure 1: ``(N, 28, 28)`` uint8 → ``(N, 784)`` float32 in {0, 1}, pixel/255 > threshold.
+
+    Defined in: chapters/07_mnist.ipynb
+    """
+    return (images.reshape(images.shape[0], -1).float() > threshold * 255).float()
+
+
+def standardize(images, mean: float = MNIST_MEAN, std: float = MNIST_STD):
+    """``(N, 28, 28)`` uint8 → ``(N, 1, 28, 28)`` float32, ``(pixel/255 − mean)/std``: ToTensor + Normalize at once.
+
+    Defined in: chapters/05_bn_conv.ipynb; used in chapters/06_bn_pytorch.ipynb and chapters/07_mnist.ipynb
+    """
+    return ((images.float() / 255 - mean) / std).unsqueeze(1)

@@ -1,8 +1,8 @@
 """MNIST experiments with and without batch normalization: data as whole tensors, training loops, Figure 1.
 
 Data
-    :func:`load_mnist` reads the IDX files through ``torchvision.datasets.MNIST`` once and returns the whole
-    split as two tensors; :func:`binarize` / :func:`standardize` turn the uint8 images into float inputs in one
+    :func:`bnlib.data.load_mnist`, :func:`bnlib.data.binarize` and :func:`bnlib.data.standardize` (imported
+    here, so ``mnist.load_mnist`` works): the whole split as two tensors, turned into float inputs in one
     vectorised step; :func:`batch_indices` yields minibatch indices (a fresh seeded permutation each epoch) so a
     minibatch is one gather ``X[idx]`` instead of 60 PIL conversions.
 Figure 1 (part A)
@@ -28,14 +28,10 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from bnlib.data import MNIST_MEAN, MNIST_STD, binarize, load_mnist, standardize
 from bnlib.models import BatchedMLP, SeedCNN
 
 __all__ = [
-    "MNIST_MEAN",
-    "MNIST_STD",
-    "load_mnist",
-    "binarize",
-    "standardize",
     "batch_indices",
     "Figure1Config",
     "PAPER_FIGURE1",
@@ -50,9 +46,6 @@ __all__ = [
     "cnn_experiments",
     "progress_bar",
 ]
-
-#: mean and standard deviation of the training pixels scaled to [0, 1] (the usual Normalize constants).
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 #: Figure 1(a) of Ioffe & Szegedy (2015), digitised from the arXiv PDF's vector paths (error ≈ ±0.002):
 #: training step -> test accuracy. The baseline curve ends at ~44k steps, BN at ~49k.
@@ -72,37 +65,6 @@ def progress_bar(iterable, total: int | None = None, desc: str = "", progress: b
 
 
 # --------------------------------------------------------------------------------------------------- data
-_PROVISIONED: set[str] = set()
-
-
-def load_mnist(train: bool = True, root=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole MNIST split as tensors: images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64.
-
-    N = 60,000 (train) or 10,000 (test). Reads through ``torchvision.datasets.MNIST(root, download=False)``
-    after :func:`bnlib.data.provision_mnist` has made sure the raw files are there.
-    """
-    from torchvision.datasets import MNIST
-
-    from bnlib.data import default_root, provision_mnist
-
-    root = str(root if root is not None else default_root())
-    if root not in _PROVISIONED:  # md5-checks ~55 MB: once per process is enough
-        provision_mnist(root, verbose=False)
-        _PROVISIONED.add(root)
-    ds = MNIST(root, train=train, download=False)
-    return ds.data, ds.targets
-
-
-def binarize(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Binary inputs of Figure 1: ``(N, 28, 28)`` uint8 → ``(N, 784)`` float32 in {0, 1}, pixel/255 > threshold."""
-    return (images.reshape(images.shape[0], -1).float() > threshold * 255).float()
-
-
-def standardize(images: torch.Tensor, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> torch.Tensor:
-    """``(N, 28, 28)`` uint8 → ``(N, 1, 28, 28)`` float32, ``(pixel/255 − mean)/std``: ToTensor + Normalize at once."""
-    return ((images.float() / 255 - mean) / std).unsqueeze(1)
-
-
 def batch_indices(n: int, batch_size: int, seeds: list[int] | tuple[int, ...] | int,
                   steps: int | None = None) -> Iterator[torch.Tensor]:
     """Minibatch indices for one or several seeds: yields ``(S, batch_size)`` int64 (``(batch_size,)`` for an int seed).

@@ -1,4 +1,4 @@
-"""The networks of the MNIST chapter, with and without batch normalization.
+"""The torch networks of the book, with and without batch normalization.
 
 * :class:`SeedCNN`: the "seed articles'" convnet conv32-conv64-maxpool-dropout-fc128-fc10, optionally with
   BN after each conv and after fc1, placed before (``"pre"``) or after (``"post"``) the ReLU.
@@ -6,10 +6,14 @@
   seeds trained at once (weights of shape ``(S, in, out)``); with BN before each sigmoid.
 * :func:`mlp`: the same MLP for one seed as a plain ``nn.Sequential`` (the reference the batched one equals).
 
+The Figure 1 network is one family across the book: chapter 1 trains it in NumPy
+(:class:`bnlib.motivation.SigmoidMLP`, the same sizes, weights ~ N(0, init_std²) in the (out, in) layout of
+``nn.Linear``), chapter 7 in torch (:func:`mlp`, :class:`BatchedMLP`).
+
 BN layers are bnlib's drop-ins by default (:mod:`bnlib.torch_bn`); pass ``bn_layer=torch.nn.BatchNorm1d`` (and
 ``bn2d_layer``) to use torch's.
 
-Defined in: chapters/07_mnist.ipynb
+Defined in: chapters/06_bn_pytorch.ipynb (SeedCNN, default_bn_layers); chapters/07_mnist.ipynb (mlp, BatchedMLP).
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ __all__ = ["default_bn_layers", "SeedCNN", "mlp", "BatchedMLP"]
 
 
 def default_bn_layers() -> tuple[type, type]:
-    """(BatchNorm1d, BatchNorm2d): bnlib's drop-ins (:mod:`bnlib.torch_bn`), the defaults of every model here."""
+    """(BatchNorm1d, BatchNorm2d): bnlib's drop-ins (:mod:`bnlib.torch_bn`), the defaults of every model here.
+
+    Defined in: chapters/06_bn_pytorch.ipynb
+    """
     from bnlib.torch_bn import BatchNorm1d, BatchNorm2d
 
     return BatchNorm1d, BatchNorm2d
@@ -38,6 +45,8 @@ class SeedCNN(nn.Module):
     dropout : keep the two dropout layers (the paper notes BN lets you reduce dropout).
 
     Input ``(N, 1, 28, 28)``, output logits ``(N, 10)``. Layers with BN have no bias (β replaces it).
+
+    Defined in: chapters/06_bn_pytorch.ipynb; trained in chapters/07_mnist.ipynb
     """
 
     def __init__(self, bn: bool = False, bn_position: str = "pre", dropout: bool = True,
@@ -76,6 +85,8 @@ def mlp(bn: bool = False, sizes: tuple[int, ...] = (784, 100, 100, 100, 10), ini
     """One 784-100-100-100-10 sigmoid MLP (Figure 1 of the paper), BN before each sigmoid if ``bn``.
 
     Weights ~ N(0, init_std²) ("small random Gaussian values"), biases 0 (no bias before BN: β replaces it).
+
+    Defined in: chapters/07_mnist.ipynb
     """
     bn1d = bn_layer or default_bn_layers()[0]
     layers: list[nn.Module] = []
@@ -105,6 +116,8 @@ class BatchedMLP(nn.Module):
 
     ``init_std``: weights ~ N(0, init_std²) with one generator per seed (seed ``seeds[s]``), the
     same draws as :func:`mlp` with ``torch.Generator().manual_seed(seeds[s])``.
+
+    Defined in: chapters/07_mnist.ipynb
     """
 
     def __init__(self, seeds: list[int] | tuple[int, ...], bn: bool = False,

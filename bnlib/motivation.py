@@ -6,19 +6,21 @@ Two small laboratories for the first chapter:
   descent needs with the best constant step size, and the path it takes;
 * a fully connected sigmoid network in NumPy (the architecture of Ioffe & Szegedy's Figure 1) whose
   forward pass records every layer's input and pre-activation, so a chapter can watch the distributions
-  that batch normalization will later pin down.
+  that batch normalization will later pin down. Its pieces are :mod:`bnlib.layers`' (``sigmoid``,
+  ``softmax_cross_entropy``, weights in :class:`bnlib.layers.Linear`'s (out, in) layout); chapter 7 trains the
+  same network in torch (:func:`bnlib.models.mlp`, :class:`bnlib.models.BatchedMLP`). MNIST comes from
+  :func:`bnlib.data.load_mnist_numpy`.
 
 Defined in: chapters/01_why_normalize.ipynb
 """
 
 from __future__ import annotations
 
-import gzip
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+
+from bnlib.layers import sigmoid, softmax_cross_entropy
 
 __all__ = [
     "least_squares_loss",
@@ -30,8 +32,6 @@ __all__ = [
     "gradient_descent",
     "gd_relative_gap",
     "gd_iterations",
-    "load_mnist_numpy",
-    "sigmoid",
     "sigmoid_saturation_threshold",
     "SigmoidMLP",
     "BNNoise",
@@ -194,50 +194,8 @@ def gd_iterations(X: np.ndarray, y: np.ndarray, lr: float, tol: float = 1e-8, w0
 
 
 # --------------------------------------------------------------------------------------------------
-# MNIST as NumPy arrays (no torch import needed)
-# --------------------------------------------------------------------------------------------------
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_mnist_numpy(root: str | os.PathLike | None = None, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST images (N, 784) and labels (N,) as uint8 arrays, read from the raw IDX files.
-
-    Reads ``<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (the files
-    ``torchvision.datasets.MNIST(root, download=False)`` reads; ``root`` defaults to
-    :func:`bnlib.data.default_root`). Reading them directly keeps a NumPy-only chapter free of the
-    torch/torchvision import cost.
-
-    Defined in: chapters/01_why_normalize.ipynb
-    """
-    from bnlib.data import default_root
-
-    raw = Path(default_root() if root is None else root) / "MNIST" / "raw"
-    prefix = "train" if train else "t10k"
-    images = _read_idx(raw / f"{prefix}-images-idx3-ubyte")
-    labels = _read_idx(raw / f"{prefix}-labels-idx1-ubyte")
-    return images.reshape(len(images), -1), labels
-
-
-# --------------------------------------------------------------------------------------------------
 # A deep sigmoid network in NumPy that records what each layer sees
 # --------------------------------------------------------------------------------------------------
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    """The logistic function 1 / (1 + exp(-x)), computed without overflow warnings.
-
-    Defined in: chapters/01_why_normalize.ipynb
-    """
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.result_type(x, np.float32), copy=False)
 
 
 def sigmoid_saturation_threshold(c: float = 0.1) -> float:
@@ -256,14 +214,15 @@ def sigmoid_saturation_threshold(c: float = 0.1) -> float:
 class SigmoidMLP:
     """A fully connected network: hidden layers u_k = sigmoid(z_k), then linear logits.
 
-    Without batch normalization the sigmoid input is z_k = u_{k-1} W_k + b_k; with ``bn=True`` it is
-    z_k = BN(u_{k-1} W_k) (training-mode batch normalization from :mod:`bnlib.numpy_bn`, with learned
+    Without batch normalization the sigmoid input is z_k = u_{k-1} W_k^T + b_k; with ``bn=True`` it is
+    z_k = BN(u_{k-1} W_k^T) (training-mode batch normalization from :mod:`bnlib.numpy_bn`, with learned
     ``gamma[k]``/``beta[k]``; the hidden biases stay 0 because beta replaces them), optionally perturbed as
     z_k = scale * BN(...) + shift by ``noise`` (the "noisy BatchNorm" of Santurkar et al. 2018).
 
     ``sizes`` lists the widths, e.g. ``[784, 100, 100, 100, 10]`` (the network of Ioffe & Szegedy's
     Figure 1). Weights are drawn from N(0, init_std^2) ("small random Gaussian values"), biases are 0.
-    ``W[k]`` has shape (sizes[k], sizes[k+1]); the loss is the mean softmax cross-entropy.
+    ``W[k]`` has shape (sizes[k+1], sizes[k]), the (out, in) layout of :class:`bnlib.layers.Linear` and
+    ``torch.nn.Linear`` (the transpose of an (in, out) draw); the loss is the mean softmax cross-entropy.
 
     The forward pass keeps what each layer sees: ``cache["u"][k]`` is the input of layer k (u_0 = the
     data) and ``cache["x"][k]`` the input of its sigmoid, z_k (the quantity plotted in the paper's Figure 1b;
@@ -277,7 +236,7 @@ class SigmoidMLP:
         rng = np.random.default_rng(0) if rng is None else rng
         self.sizes = list(sizes)
         self.bn = bn
-        self.W = [(init_std * rng.standard_normal((a, b))).astype(dtype) for a, b in zip(sizes[:-1], sizes[1:])]
+        self.W = [(init_std * rng.standard_normal((a, b))).astype(dtype).T for a, b in zip(sizes[:-1], sizes[1:])]
         self.b = [np.zeros(b, dtype=dtype) for b in sizes[1:]]
         hidden = sizes[1:-1] if bn else []
         self.gamma = [np.ones(h, dtype=dtype) for h in hidden]
@@ -295,27 +254,19 @@ class SigmoidMLP:
         L = len(self.W)
         for k in range(L):
             if k < L - 1 and self.bn:
-                x, c = batch_norm_forward(u[-1] @ self.W[k], self.gamma[k], self.beta[k])
+                x, c = batch_norm_forward(u[-1] @ self.W[k].T, self.gamma[k], self.beta[k])
                 bn_caches.append(c)
                 if noise is not None:
                     x = x * noise[k][0] + noise[k][1]
             else:
-                x = u[-1] @ self.W[k] + self.b[k]
+                x = u[-1] @ self.W[k].T + self.b[k]
             xs.append(x)
             if k < L - 1:
                 u.append(sigmoid(x))
         return xs[-1], {"u": u, "x": xs, "bn": bn_caches, "noise": noise}
 
-    @staticmethod
-    def loss_and_dlogits(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-        """Mean softmax cross-entropy and its gradient with respect to the logits."""
-        z = logits - logits.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        n = len(labels)
-        loss = -float(logp[np.arange(n), labels].mean())
-        d = np.exp(logp)
-        d[np.arange(n), labels] -= 1.0
-        return loss, d / n
+    #: mean softmax cross-entropy and its gradient with respect to the logits: ``(loss, dlogits)``
+    loss_and_dlogits = staticmethod(softmax_cross_entropy)
 
     def backward(self, cache: dict, dlogits: np.ndarray) -> tuple[list, list, list]:
         """Gradients ``(dW, db, dx)``: per layer, of the weights, the biases (of gamma and beta in BN layers:
@@ -334,10 +285,10 @@ class SigmoidMLP:
                 db[k] = (dgamma, dbeta)
             else:
                 db[k] = g.sum(axis=0)
-            dW[k] = cache["u"][k].T @ g
+            dW[k] = (cache["u"][k].T @ g).T  # (out, in)
             if k > 0:
                 u = cache["u"][k]
-                g = (g @ self.W[k].T) * u * (1.0 - u)
+                g = (g @ self.W[k]) * u * (1.0 - u)
         return dW, db, dx
 
     def sgd_step(self, dW: list[np.ndarray], db: list, lr: float) -> None:

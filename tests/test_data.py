@@ -1,11 +1,26 @@
-"""MNIST provisioning: fresh, idempotent, corrupt or truncated files replaced, a fast clear error offline."""
+"""bnlib.data: MNIST provisioning (fresh, idempotent, corrupt or truncated files replaced, a fast clear error
+offline) and reading (the NumPy and torch views equal what torchvision reads from the same files)."""
 
 import shutil
 import time
 
+import numpy as np
 import pytest
+import torch
 
-from bnlib.data import MNIST_FILES, MNISTUnavailableError, provision_mnist, verify_mnist
+from bnlib.data import (
+    MNIST_FILES,
+    MNIST_MEAN,
+    MNIST_STD,
+    MNISTUnavailableError,
+    binarize,
+    load_mnist,
+    load_mnist_numpy,
+    mnist_features,
+    provision_mnist,
+    standardize,
+    verify_mnist,
+)
 
 DEAD = "http://127.0.0.1:9/"  # the discard port: connection refused at once, like an offline machine
 
@@ -100,3 +115,67 @@ def test_mirror_list_matches_torchvision():
     from bnlib.data import TORCHVISION_MIRRORS
 
     assert TORCHVISION_MIRRORS == list(MNIST.mirrors)
+
+
+# ------------------------------------------------------------------------------------------ reading
+needs_mnist = pytest.mark.skipif(any(verify_mnist().values()), reason="MNIST raw files not provisioned (make data)")
+
+
+@pytest.fixture(scope="module")
+def torchvision_test_split():
+    from torchvision.datasets import MNIST
+
+    from bnlib.data import default_root
+
+    ds = MNIST(str(default_root()), train=False, download=False)
+    return ds.data, ds.targets
+
+
+@needs_mnist
+def test_load_mnist_equals_torchvision(torchvision_test_split):
+    images, labels = load_mnist(train=False)
+    ref_images, ref_labels = torchvision_test_split
+    assert images.dtype == ref_images.dtype == torch.uint8 and labels.dtype == ref_labels.dtype == torch.int64
+    assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
+    assert images.shape == (10_000, 28, 28) and set(labels.unique().tolist()) == set(range(10))
+
+
+@needs_mnist
+def test_load_mnist_numpy():
+    X, y = load_mnist_numpy(train=True)
+    assert X.shape == (60000, 784) and X.dtype == np.uint8
+    assert y[:5].tolist() == [5, 0, 4, 1, 9]
+    Xt, yt = load_mnist_numpy(train=False)
+    assert Xt.shape == (10000, 784) and yt[:3].tolist() == [7, 2, 1]
+
+
+@needs_mnist
+def test_mnist_features(torchvision_test_split):
+    X, y = mnist_features(train=False)
+    assert X.shape == (10000, 196) and X.dtype == np.float32 and y.shape == (10000,) and y.dtype == np.int64
+    assert 0.0 <= X.min() and X.max() <= 1.0
+    # the first pixel block of the first test image, from torchvision's reading of the same file
+    data, targets = torchvision_test_split
+    np.testing.assert_allclose(X[0], data[0].numpy().reshape(14, 2, 14, 2).mean(axis=(1, 3)).ravel() / 255,
+                               atol=1e-6)
+    assert (targets.numpy() == y).all()
+    with pytest.raises(ValueError, match="pool"):
+        mnist_features(train=False, pool=3)
+
+
+@needs_mnist
+def test_binarize_and_standardize(torchvision_test_split):
+    images = torchvision_test_split[0]
+    xb = binarize(images[:100])
+    assert xb.shape == (100, 784) and xb.dtype == torch.float32
+    assert set(xb.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(xb, (images[:100].reshape(100, -1) > 127.5).float())
+    xs = standardize(images[:100])
+    assert xs.shape == (100, 1, 28, 28) and xs.dtype == torch.float32
+    # the same numbers as torchvision's ToTensor + Normalize
+    from PIL import Image
+    from torchvision import transforms
+
+    tfm = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    ref = tfm(Image.fromarray(images[5].numpy(), mode="L"))
+    torch.testing.assert_close(xs[5], ref, atol=1e-6, rtol=0)

@@ -1,4 +1,4 @@
-"""Tests of bnlib.mnist and bnlib.models: data tensors, batched seeds = independent models, Figure 1 schema, CLI."""
+"""Tests of bnlib.mnist and bnlib.models: batched seeds = independent models, Figure 1 schema, CLI."""
 
 from __future__ import annotations
 
@@ -17,31 +17,6 @@ from bnlib.models import BatchedMLP, SeedCNN, default_bn_layers, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 BN_LAYERS = [nn.BatchNorm1d] + ([default_bn_layers()[0]] if default_bn_layers()[0] is not nn.BatchNorm1d else [])
-
-
-@pytest.fixture(scope="module")
-def test_split():
-    return mnist.load_mnist(train=False)
-
-
-def test_data_tensors(test_split):
-    images, labels = test_split
-    assert images.shape == (10_000, 28, 28) and images.dtype == torch.uint8
-    assert labels.shape == (10_000,) and labels.dtype == torch.int64
-    assert set(labels.unique().tolist()) == set(range(10))
-    xb = mnist.binarize(images[:100])
-    assert xb.shape == (100, 784) and xb.dtype == torch.float32
-    assert set(xb.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(xb, (images[:100].reshape(100, -1) > 127.5).float())
-    xs = mnist.standardize(images[:100])
-    assert xs.shape == (100, 1, 28, 28) and xs.dtype == torch.float32
-    # the same numbers as torchvision's ToTensor + Normalize
-    from torchvision import transforms
-    from PIL import Image
-
-    tfm = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mnist.MNIST_MEAN,), (mnist.MNIST_STD,))])
-    ref = tfm(Image.fromarray(images[5].numpy(), mode="L"))
-    torch.testing.assert_close(xs[5], ref, atol=1e-6, rtol=0)
 
 
 def test_batch_indices_epochs_and_seeds():
