@@ -28,7 +28,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from bnlib.data import MNIST_MEAN, MNIST_STD, binarize, load_mnist, standardize
+from bnlib.data import binarize, load_mnist, standardize
 from bnlib.models import BatchedMLP, SeedCNN
 
 __all__ = [

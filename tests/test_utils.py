@@ -32,17 +32,3 @@ print(one, two)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PATH": ""})
     assert out.stdout.split() == ["1", "2"]
-
-
-def test_every_exercise_checker_is_exported():
-    import importlib
-    import pkgutil
-
-    import bnlib.exercises as ex
-
-    found = set()
-    for mod in pkgutil.iter_modules(ex.__path__):
-        m = importlib.import_module(f"bnlib.exercises.{mod.name}")
-        found |= {n for n in getattr(m, "__all__", []) if n.startswith("check_")}
-    assert found == set(ex.__all__)
-    assert all(callable(getattr(ex, n)) for n in ex.__all__)
