@@ -26,38 +26,19 @@ def set_seed(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def _openblas_set_num_threads(n: int) -> bool:
-    """Set the thread count of every OpenBLAS already loaded in this process (NumPy's wheel bundles one)."""
-    import ctypes
-
-    try:
-        with open("/proc/self/maps") as maps:
-            libs = {line.split()[-1] for line in maps if "openblas" in line.lower() and line.rstrip().endswith(".so")}
-    except OSError:  # not Linux: fall back to the environment variables alone
-        return False
-    done = False
-    for lib in libs:
-        handle = ctypes.CDLL(lib)
-        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                       "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(handle, symbol, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                done = True
-                break
-    return done
-
-
 def set_threads(n: int = 1) -> None:
     """Pin BLAS and torch intra-op threads to ``n``.
 
     Small matrices run faster and with less noise on one thread; timings in the book state the count.
-    The environment variables reach BLAS libraries loaded later (and child processes); OpenBLAS libraries
-    already loaded (NumPy's, as soon as NumPy is imported) are set directly, and so is torch if imported.
+    The environment variables reach BLAS libraries loaded later (and child processes); BLAS libraries already
+    loaded (NumPy's OpenBLAS, as soon as NumPy is imported) are set through ``threadpoolctl``, and so is torch
+    if imported.
     """
+    from threadpoolctl import threadpool_limits
+
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(n)
-    _openblas_set_num_threads(n)
+    threadpool_limits(limits=n, user_api="blas")  # kept: the limit is not restored (no `with`)
     import sys
 
     if "torch" in sys.modules:

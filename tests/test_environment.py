@@ -51,7 +51,8 @@ def test_torch_and_torchvision_import_together():
 
     assert torch.__version__.split("+")[0] == "2.13.0"
     assert torchvision.__version__.split("+")[0] == "0.28.0"
-    # the failure DEVELOPERS.md warns about: a torchvision whose C++ ops do not match torch
+    # the failure the Makefile's setup comment guards against (uv installs PyPI's matching torch/torchvision pair,
+    # not one from pip's configured index): a torchvision whose C++ ops do not match torch fails here
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]])
     keep = torchvision.ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5)
     assert keep.tolist() == [0]

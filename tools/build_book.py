@@ -5,7 +5,7 @@
     python tools/build_book.py --only chapters/03_bn_backward   # one chapter (plus the landing page), in /tmp
 
 jupyter-cache keys a notebook on its code cells only, so editing ``bnlib/*.py``, ``bench/*.py`` or the lock
-file would not re-execute anything. This wrapper hashes those files (content and mtime) and the CPU code-path
+file would not re-execute anything. This wrapper hashes those files (names and contents, not mtimes) and the CPU code-path
 variables (``CPU_CODE_PATH_VARS``) and, when the hash changed since the last build, clears the execution cache
 and re-executes every chapter.
 """
@@ -31,6 +31,8 @@ VENDOR = ROOT / "_vendor" / "_static" / "mathjax"  # copied to _build/html/_stat
 # Environment variables that move torch, MKL, oneDNN or OpenBLAS to another CPU code path (the Makefile's
 # OTHER_CPU sets them; CONTRIBUTING.md, "Portable outputs"). Executions on different paths never share a cache.
 CPU_CODE_PATH_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
+# Set to "student" for the student edition; read by tools/sphinx_bnlib.py (no second copy of _config.yml).
+STUDENT_ENV = "BNLIB_EDITION"
 
 
 def vendor_mathjax() -> None:
@@ -55,19 +57,18 @@ def library_hash() -> str:
     """Hash of everything the notebooks import or run that jupyter-cache cannot see."""
     h = hashlib.sha256()
     files = sorted([*ROOT.glob("bnlib/**/*.py"), *ROOT.glob("bench/*.py"), ROOT / "uv.lock"])
-    for f in files:  # content and modification time: editing, or just touching, a file re-executes
+    for f in files:  # names and contents only: a `git checkout` or `touch` that changes no byte re-executes nothing
         h.update(str(f.relative_to(ROOT)).encode())
-        h.update(str(f.stat().st_mtime_ns).encode())
         h.update(f.read_bytes())
     h.update(repr([(k, os.environ.get(k)) for k in CPU_CODE_PATH_VARS]).encode())  # another code path re-executes
     return h.hexdigest()
 
 
-def jb(args: list[str]) -> int:
+def jb(args: list[str], env: dict[str, str] | None = None) -> int:
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(exe), "build", str(ROOT), "--builder", "html", "-W", "-n", "--keep-going", *args]
     print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, cwd=ROOT).returncode
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     vendor_mathjax()
     extra: list[str] = []
+    env = dict(os.environ)
     out = ROOT  # jupyter-book writes to <out>/_build/html
     tmpdir = Path(tempfile.mkdtemp(prefix="bnbook-"))
     if a.only:
@@ -87,13 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tempfile.gettempdir()) / ("bnbook-only-" + Path(name).name)
         extra += ["--toc", str(toc)]
     if a.student:
-        cfg = ROOT / "_config.student.yml"  # beside _config.yml: relative paths in it resolve from its folder
-        text = (ROOT / "_config.yml").read_text().replace("hide_solutions: false", "hide_solutions: true")
-        # reuse the main build's execution cache: the student edition differs in rendering only
-        text = text.replace('cache: ""', f'cache: "{ROOT / "_build" / ".jupyter_cache"}"')
-        assert "hide_solutions: true" in text and ".jupyter_cache" in text
-        cfg.write_text(text)
-        extra += ["--config", str(cfg)]
+        # _config.yml is not rewritten: tools/sphinx_bnlib.py reads STUDENT_ENV, hides the solutions and reuses the
+        # main build's execution cache (the student edition differs in rendering only).
+        env[STUDENT_ENV] = "student"
         out = ROOT / "_build" / "student"
     stamp = (ROOT if a.student else out) / "_build" / ".library-hash"
     digest = library_hash()
@@ -102,14 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         if stamp.parent.exists():
             print("bnlib, bench/, uv.lock or the CPU code path changed: execution cache cleared, re-executing every chapter")
             extra.append("--all")
-    rc = jb([*extra, "--path-output", str(out)])
+    rc = jb([*extra, "--path-output", str(out)], env)
     if rc == 0:
         stamp.parent.mkdir(parents=True, exist_ok=True)
         stamp.write_text(digest)
         print(f"Book built in {time.perf_counter() - t0:.0f} s: {out / '_build' / 'html' / 'index.html'}")
     shutil.rmtree(tmpdir, ignore_errors=True)
-    if a.student:
-        cfg.unlink()
     return rc
 
 
