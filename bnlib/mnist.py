@@ -59,7 +59,10 @@ PAPER_FIGURE1 = {
 
 def progress_bar(iterable, total: int | None = None, desc: str = "", progress: bool = True,
                  mininterval: float = 30.0):
-    """Plain-text tqdm on stdout (no widgets, nothing on stderr); a no-op wrapper when ``progress`` is False."""
+    """Plain-text tqdm on stdout (no widgets, nothing on stderr); a no-op wrapper when ``progress`` is False.
+
+    Defined in: chapters/07_mnist.ipynb
+    """
     return tqdm(iterable, total=total, desc=desc, file=sys.stdout, disable=not progress,
                 mininterval=mininterval, ascii=True, dynamic_ncols=False, ncols=80)
 
@@ -72,6 +75,8 @@ def batch_indices(n: int, batch_size: int, seeds: list[int] | tuple[int, ...] | 
     Each seed has its own ``torch.Generator`` and walks through its own permutation of ``range(n)``,
     drawing a fresh one every epoch (the incomplete last batch of an epoch is dropped). Stops after
     ``steps`` batches (never, if None).
+
+    Defined in: chapters/07_mnist.ipynb
     """
     single = isinstance(seeds, int)
     gens = [torch.Generator().manual_seed(int(s)) for s in ([seeds] if single else seeds)]
@@ -92,7 +97,10 @@ def batch_indices(n: int, batch_size: int, seeds: list[int] | tuple[int, ...] | 
 # ----------------------------------------------------------------------------------------------- figure 1
 @dataclass
 class Figure1Config:
-    """Every choice of the Figure 1 reproduction, the paper's and ours (see the chapter's table)."""
+    """Every choice of the Figure 1 reproduction, the paper's and ours (see the chapter's table).
+
+    Defined in: chapters/07_mnist.ipynb
+    """
 
     steps: int = 50_000            # paper
     batch_size: int = 60           # paper
@@ -139,6 +147,8 @@ def run_figure1(bn: bool, seeds=(0, 1, 2), config: Figure1Config | None = None, 
     running statistics (eval mode); the percentiles are over the 10k test images of the sigmoid input of
     last-hidden-layer unit ``config.unit``. ``data``: ``(x_train, y_train, x_test, y_test)`` binarised, to
     skip loading.
+
+    Defined in: chapters/07_mnist.ipynb
     """
     cfg = config or Figure1Config()
     seeds = [int(s) for s in seeds]
@@ -183,6 +193,8 @@ def figure1(seeds=(0, 1, 2), config: Figure1Config | None = None, progress: bool
 
     Returns the JSON-ready dict ``{"bn": {...}, "baseline": {...}, "config": {...}, "seeds": [...]}``;
     with ``keep_models`` also ``"models": {"bn": BatchedMLP, "baseline": BatchedMLP}`` (not JSON).
+
+    Defined in: chapters/07_mnist.ipynb
     """
     cfg = config or Figure1Config()
     data = _mlp_data(cfg, root)
@@ -198,13 +210,19 @@ def figure1(seeds=(0, 1, 2), config: Figure1Config | None = None, progress: bool
 
 
 def accuracy_at(run: dict, step: int) -> tuple[float, float]:
-    """(mean, standard deviation) over seeds of the test accuracy logged at ``step`` in one run of :func:`figure1`."""
+    """(mean, standard deviation) over seeds of the test accuracy logged at ``step`` in one run of :func:`figure1`.
+
+    Defined in: chapters/07_mnist.ipynb
+    """
     acc = torch.tensor(run["test_accuracy"])[:, run["steps"].index(step)]
     return float(acc.mean()), float(acc.std(unbiased=False))
 
 
 def steps_to_accuracy(run: dict, level: float) -> int | None:
-    """First logged step at which the seed-mean test accuracy reaches ``level`` (None if it never does)."""
+    """First logged step at which the seed-mean test accuracy reaches ``level`` (None if it never does).
+
+    Defined in: chapters/07_mnist.ipynb
+    """
     mean = torch.tensor(run["test_accuracy"]).mean(0)
     hits = (mean >= level).nonzero()
     return int(run["steps"][hits[0, 0]]) if len(hits) else None
@@ -219,6 +237,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     ``train_mode=True`` evaluates as if ``model.eval()`` had been forgotten: BN normalises with each test
     batch's own statistics (and updates the running ones), dropout stays on. The model's mode is restored;
     its BN buffers are restored too, so the measurement has no side effect.
+
+    Defined in: chapters/07_mnist.ipynb
     """
     was_training = model.training
     saved = {k: v.clone() for k, v in model.state_dict().items()} if train_mode else None
@@ -245,6 +265,8 @@ def train_cnn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_test=N
     (default: once per epoch) and at the end. History: ``{"step", "train_loss" (mean over the steps since the
     last evaluation), "test_loss", "test_accuracy"}`` lists, plus ``"diverged"`` (a non-finite loss stopped
     training) and ``"seconds"``.
+
+    Defined in: chapters/07_mnist.ipynb
     """
     n = x.shape[0]
     per_epoch = n // batch_size
@@ -282,7 +304,10 @@ def train_cnn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, x_test=N
 
 @dataclass
 class CNNConfig:
-    """The seed-CNN experiments' budget and settings (the chapter explains the choices)."""
+    """The seed-CNN experiments' budget and settings (the chapter explains the choices).
+
+    Defined in: chapters/07_mnist.ipynb
+    """
 
     train_size: int = 5_000        # a fixed random subset of the 60k training images
     test_size: int = 2_000         # a fixed random subset of the 10k test images
@@ -302,7 +327,10 @@ class CNNConfig:
 
 
 def cnn_data(cfg: CNNConfig, root=None):
-    """Standardised subsets ``(x_train, y_train, x_test, y_test)`` of the sizes in ``cfg`` (seeded choice)."""
+    """Standardised subsets ``(x_train, y_train, x_test, y_test)`` of the sizes in ``cfg`` (seeded choice).
+
+    Defined in: chapters/07_mnist.ipynb
+    """
     xtr, ytr = load_mnist(True, root)
     xte, yte = load_mnist(False, root)
     g = torch.Generator().manual_seed(cfg.seed)
@@ -326,6 +354,8 @@ def cnn_experiments(cfg: CNNConfig | None = None, parts=("curves", "sweep", "pla
     (``"diverged"`` when the loss became NaN/inf). ``eval``: test accuracy of the trained networks evaluated
     correctly (``model.eval()``) and as if ``eval()`` had been forgotten, for test batches of each size in
     ``eval_batch_sizes``. ``eval`` needs ``curves`` (it reuses the trained networks).
+
+    Defined in: chapters/07_mnist.ipynb
     """
     cfg = cfg or CNNConfig()
     torch.set_num_threads(cfg.threads)

@@ -16,6 +16,8 @@ def set_seed(seed: int = 0) -> np.random.Generator:
 
     Returns a fresh ``np.random.Generator(PCG64(seed))`` for code that prefers an explicit generator.
     torch is seeded only when it is already imported, so NumPy-only chapters do not pay its import.
+
+    Defined in: chapters/01_why_normalize.ipynb
     """
     random.seed(seed)
     np.random.seed(seed)
@@ -33,6 +35,8 @@ def set_threads(n: int = 1) -> None:
     The environment variables reach BLAS libraries loaded later (and child processes); BLAS libraries already
     loaded (NumPy's OpenBLAS, as soon as NumPy is imported) are set through ``threadpoolctl``, and so is torch
     if imported.
+
+    Defined in: chapters/01_why_normalize.ipynb
     """
     from threadpoolctl import threadpool_limits
 
