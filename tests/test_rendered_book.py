@@ -150,10 +150,10 @@ def test_page_renders(site, browser, page):
     # sees, code and outputs included, shows equation numbers, never the labels behind them
     tab.evaluate("() => document.querySelectorAll('details').forEach(d => { d.open = true; })")
     wide = tab.evaluate(OVERFLOWING_CODE)
-    assert not wide, f"{page}: {len(wide)} code blocks scroll sideways at 1280 px: {wide[:8]}"
     labels = sorted(set(re.findall(r"\beq-[\w-]+", tab.evaluate(MAIN_TEXT))))
-    assert not labels, f"{page}: internal equation labels in the page text: {labels}"
     tab.close()
+    assert not labels, f"{page}: internal equation labels in the page text: {labels}"
+    assert not wide, f"{page}: {len(wide)} code blocks scroll sideways at 1280 px: {wide[:8]}"
 
 
 def test_sidebar_lists_every_page(site, browser):
