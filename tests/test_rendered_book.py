@@ -51,16 +51,21 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         super().send_error(code, *args, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def site():
-    # `make test` runs nbval on another CPU code path (Makefile: OTHER_CPU); the book is built on this machine's
-    # own path, so every chapter runs on two paths. `make test CPU=other` builds on the other path as well.
+def book_env() -> dict[str, str]:
+    """The environment of the book builds. `make test` runs nbval on another CPU code path (Makefile: OTHER_CPU);
+    the book (and the student edition, which shares its execution cache) is built on this machine's own path, so
+    every chapter runs on two paths. `make test CPU=other` builds on the other path as well."""
     env = dict(os.environ)
     if env.get("BNLIB_BOOK_CPU") != "other":
         for var in build_book.CPU_CODE_PATH_VARS:
             env.pop(var, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def site():
     build = subprocess.run([sys.executable, "tools/build_book.py"], cwd=ROOT, capture_output=True, text=True,
-                           env=env)
+                           env=book_env())
     assert build.returncode == 0, f"book build failed:\n{build.stdout[-6000:]}\n{build.stderr[-3000:]}"
     handler = functools.partial(_Quiet, directory=str(HTML))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -168,7 +173,8 @@ def test_sidebar_lists_every_page(site, browser):
 
 def test_student_edition_has_exercises_but_no_solutions(site):
     """`make student` (tools/build_book.py --student): same exercises, every solution gone, code included."""
-    build = subprocess.run([sys.executable, "tools/build_book.py", "--student"], cwd=ROOT, capture_output=True, text=True)
+    build = subprocess.run([sys.executable, "tools/build_book.py", "--student"], cwd=ROOT, capture_output=True,
+                           text=True, env=book_env())
     assert build.returncode == 0, f"student build failed:\n{build.stdout[-6000:]}\n{build.stderr[-3000:]}"
     student = ROOT / "_build" / "student" / "_build" / "html"
     for page in [p for p in PAGES if re.fullmatch(r"chapters/0\d_\w+", p)]:
