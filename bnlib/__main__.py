@@ -4,6 +4,7 @@ Commands
 --------
 data      provision MNIST (see bnlib.data.provision_mnist)
 figure1   the paper's Figure 1: sigmoid MLP with and without BN (see bnlib.mnist.figure1)
+figure1-grid  Figure 1 over init scale x learning rate (see bnlib.mnist.figure1_grid)
 cnn       the seed CNN with and without BN (see bnlib.mnist.cnn_experiments)
 """
 
@@ -36,14 +37,38 @@ def _figure1(args: argparse.Namespace) -> int:
 
     from bnlib.mnist import Figure1Config, figure1
 
+    from bnlib.results import save_results
+
     cfg = Figure1Config(**_overrides(args, "steps", "lr", "init_std", "threshold", "eval_every", "threads"))
     res = figure1(args.seeds, cfg, progress=not args.quiet)
-    with open(args.out, "w") as f:
-        json.dump(res, f)
+    save_results(args.out, res, seconds=res["baseline"]["seconds"] + res["bn"]["seconds"], threads=cfg.threads)
     for key in ("baseline", "bn"):
         final = [acc[-1] for acc in res[key]["test_accuracy"]]
         print(f"{key:8s} final test accuracy {sum(final) / len(final):.4f} "
               f"(seeds: {', '.join(f'{a:.4f}' for a in final)}), {res[key]['seconds']:.0f} s")
+    print(f"results written to {args.out}")
+    return 0
+
+
+def _figure1_grid(args: argparse.Namespace) -> int:
+    import time
+
+    from bnlib.mnist import Figure1Config, figure1_grid
+    from bnlib.results import save_results
+
+    cfg = Figure1Config(steps=args.steps, eval_every=args.eval_every, threads=args.threads)
+    t0 = time.perf_counter()
+    res = figure1_grid(args.init_stds, args.lrs, args.seeds, cfg, progress=not args.quiet)
+    save_results(args.out, res, seconds=time.perf_counter() - t0, threads=cfg.threads)
+    print(" init σ     lr   steps to 0.95 (no BN / BN)   final accuracy (no BN / BN)   RMS to paper")
+    for c in res["cells"]:
+        to95 = " / ".join(f"{c[k]['steps_to_95'] or '-':>6}" for k in ("baseline", "bn"))
+        final = " / ".join(f"{c[k]['final'][0]:.4f}" for k in ("baseline", "bn"))
+        rms = "-" if c["rms_to_paper"] is None else f"{c['rms_to_paper']:.4f}"
+        print(f"{c['init_std']:6g} {c['lr']:6g}   {to95:>26s}   {final:>27s}   {rms}")
+    if res["best"] is not None:
+        best = res["cells"][res["best"]]
+        print(f"closest to the paper: init σ {best['init_std']:g}, lr {best['lr']:g}")
     print(f"results written to {args.out}")
     return 0
 
@@ -79,9 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=None, help="binarisation threshold on pixel/255")
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="figure1.json")
+    p.add_argument("--out", default="results/figure1.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_figure1)
+
+    p = sub.add_parser("figure1-grid", help="Figure 1 over init scale x learning rate x seeds, scored by RMS "
+                                            "distance to the paper's curves")
+    p.add_argument("--init-stds", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--lrs", type=float, nargs="+", default=[0.1, 0.5, 1.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=20_000)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="results/figure1_grid.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_figure1_grid)
 
     p = sub.add_parser("cnn", help="the seed CNN with and without BN: curves, lr sweep, BN placement, eval()")
     p.add_argument("--parts", nargs="+", default=["curves", "sweep", "placement", "eval"],

@@ -39,6 +39,8 @@ __all__ = [
     "figure1",
     "accuracy_at",
     "steps_to_accuracy",
+    "rms_to_paper",
+    "figure1_grid",
     "evaluate",
     "train_cnn",
     "CNNConfig",
@@ -139,10 +141,13 @@ def _evaluate_mlp(model: BatchedMLP, x: torch.Tensor, y: torch.Tensor, cfg: Figu
 
 
 def run_figure1(bn: bool, seeds=(0, 1, 2), config: Figure1Config | None = None, data=None,
-                progress: bool = True, bn_layer: type | None = None, root=None) -> dict:
+                progress: bool = True, bn_layer: type | None = None, root=None,
+                init_stds: list[float] | None = None, lrs: list[float] | None = None) -> dict:
     """Train the Figure 1 MLP (with or without BN) for every seed at once; evaluate every ``eval_every`` steps.
 
-    Returns ``{"steps": [0, e, 2e, ...], "test_accuracy": [[acc per step] per seed],
+    Network ``s`` trains with plain SGD at rate ``lrs[s]`` from weights ~ N(0, ``init_stds[s]``²) (default: the
+    config's ``lr`` and ``init_std`` for all): its mean loss is weighted by its rate and SGD steps with rate 1,
+    which is the same update because the networks share no parameter. Returns ``{"steps": [0, e, 2e, ...], "test_accuracy": [[acc per step] per seed],
     "percentiles": [[[p15, p50, p85] per step] per seed], "seconds": wall time}``. Test accuracy uses the
     running statistics (eval mode); the percentiles are over the 10k test images of the sigmoid input of
     last-hidden-layer unit ``config.unit``. ``data``: ``(x_train, y_train, x_test, y_test)`` binarised, to
@@ -154,10 +159,12 @@ def run_figure1(bn: bool, seeds=(0, 1, 2), config: Figure1Config | None = None, 
     seeds = [int(s) for s in seeds]
     torch.set_num_threads(cfg.threads)
     xtr, ytr, xte, yte = data if data is not None else _mlp_data(cfg, root)
-    model = BatchedMLP(seeds, bn=bn, sizes=cfg.sizes, init_std=cfg.init_std, bn_layer=bn_layer)
+    S = len(seeds)
+    model = BatchedMLP(seeds, bn=bn, sizes=cfg.sizes, init_std=init_stds or cfg.init_std, bn_layer=bn_layer)
     for norm in model.norms:
         norm.eps, norm.momentum = cfg.eps, cfg.momentum
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    lr = torch.tensor(lrs if lrs is not None else [cfg.lr] * S, dtype=torch.float32)  # (S,)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
     B = cfg.batch_size
     steps_logged, accs, percs = [0], [], []
     a, p = _evaluate_mlp(model, xte, yte, cfg)
@@ -167,7 +174,9 @@ def run_figure1(bn: bool, seeds=(0, 1, 2), config: Figure1Config | None = None, 
     bar = progress_bar(batches, total=cfg.steps, desc="BN      " if bn else "baseline", progress=progress)
     for step, idx in enumerate(bar, start=1):
         logits = model(xtr[idx])  # (S, B, 10)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ytr[idx].reshape(-1), reduction="sum") / B
+        loss_per_net = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ytr[idx].reshape(-1),
+                                       reduction="none").reshape(S, B).mean(1)  # (S,)
+        loss = (lr * loss_per_net).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -177,7 +186,6 @@ def run_figure1(bn: bool, seeds=(0, 1, 2), config: Figure1Config | None = None, 
             if progress:
                 bar.set_postfix_str(f"test acc {sum(a) / len(a):.4f}", refresh=False)
     seconds = time.perf_counter() - t0
-    S = len(seeds)
     return {
         "steps": steps_logged,
         "test_accuracy": [[round(acc[s], 6) for acc in accs] for s in range(S)],
@@ -226,6 +234,67 @@ def steps_to_accuracy(run: dict, level: float) -> int | None:
     mean = torch.tensor(run["test_accuracy"]).mean(0)
     hits = (mean >= level).nonzero()
     return int(run["steps"][hits[0, 0]]) if len(hits) else None
+
+
+def rms_to_paper(runs: dict) -> float:
+    """Root-mean-square distance between our seed-mean test accuracy and the paper's Figure 1(a) curves.
+
+    ``runs``: ``{"baseline": run, "bn": run}`` as returned by :func:`figure1` (or one cell of
+    :func:`figure1_grid`). The distance is taken over every digitised point of :data:`PAPER_FIGURE1` whose step
+    was logged, both networks together (one number, so a setting cannot fit one curve by missing the other).
+
+    Defined in: chapters/07_mnist.ipynb
+    """
+    diffs = []
+    for key in ("baseline", "bn"):
+        steps = runs[key]["steps"]
+        mean = torch.tensor(runs[key]["test_accuracy"], dtype=torch.float64).mean(0)
+        diffs += [float(mean[steps.index(step)]) - acc for step, acc in PAPER_FIGURE1[key].items() if step in steps]
+    if not diffs:
+        raise ValueError("no step of the paper's curves was logged; log every 500 steps up to at least 5000")
+    return math.sqrt(sum(d * d for d in diffs) / len(diffs))
+
+
+def figure1_grid(init_stds=(0.01, 0.1, 1.0), lrs=(0.1, 0.5, 1.0), seeds=(0, 1, 2),
+                 config: Figure1Config | None = None, progress: bool = True, root=None) -> dict:
+    """Figure 1 over the choices the paper leaves open: every (init scale, learning rate) cell, every seed, at once.
+
+    All ``len(init_stds) · len(lrs) · len(seeds)`` networks train as one :class:`BatchedMLP` (network
+    ``(σ, lr, seed)`` starts from seed ``seed``'s weights scaled to σ and steps at rate ``lr``), once without
+    and once with BN, for ``config.steps`` steps (default 20,000, logged every 500). Returns the JSON-ready
+    ``{"config", "init_stds", "lrs", "seeds", "steps", "seconds", "cells": [...], "best": i}``; each cell holds
+    ``init_std``, ``lr``, per network ``{"test_accuracy" (seeds × checkpoints), "steps_to_95" (seed-mean
+    curve; None if never), "final" (mean, sd over seeds)}`` and ``rms_to_paper`` (:func:`rms_to_paper`);
+    ``best`` is the cell with the smallest RMS distance (both None for runs shorter than the paper's first point).
+
+    Defined in: chapters/07_mnist.ipynb
+    """
+    cfg = config or Figure1Config(steps=20_000, eval_every=500)
+    seeds = [int(s) for s in seeds]
+    cells = [(float(std), float(lr)) for std in init_stds for lr in lrs]
+    nets = [(std, lr, seed) for std, lr in cells for seed in seeds]
+    data = _mlp_data(cfg, root)
+    runs = {}
+    for key, bn in (("baseline", False), ("bn", True)):
+        runs[key] = run_figure1(bn, [n[2] for n in nets], cfg, data, progress,
+                                init_stds=[n[0] for n in nets], lrs=[n[1] for n in nets])
+        runs[key].pop("model")
+    S = len(seeds)
+    out = {"config": cfg.as_dict(), "init_stds": [float(v) for v in init_stds], "lrs": [float(v) for v in lrs],
+           "seeds": seeds, "steps": runs["baseline"]["steps"],
+           "seconds": {key: round(runs[key]["seconds"], 1) for key in runs}, "cells": []}
+    for c, (std, lr) in enumerate(cells):
+        sub = {key: {"steps": runs[key]["steps"], "test_accuracy": runs[key]["test_accuracy"][c * S: (c + 1) * S]}
+               for key in runs}
+        scored = any(step in out["steps"] for curve in PAPER_FIGURE1.values() for step in curve)
+        cell = {"init_std": std, "lr": lr, "rms_to_paper": rms_to_paper(sub) if scored else None}
+        for key in runs:
+            cell[key] = {"test_accuracy": sub[key]["test_accuracy"],
+                         "steps_to_95": steps_to_accuracy(sub[key], 0.95),
+                         "final": list(accuracy_at(sub[key], sub[key]["steps"][-1]))}
+        out["cells"].append(cell)
+    out["best"] = min(range(len(cells)), key=lambda c: out["cells"][c]["rms_to_paper"]) if scored else None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- CNN

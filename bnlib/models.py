@@ -115,19 +115,23 @@ class BatchedMLP(nn.Module):
     separate models. Summing the per-seed mean losses gives each seed exactly its own gradient.
 
     ``init_std``: weights ~ N(0, init_std²) with one generator per seed (seed ``seeds[s]``), the
-    same draws as :func:`mlp` with ``torch.Generator().manual_seed(seeds[s])``.
+    same draws as :func:`mlp` with ``torch.Generator().manual_seed(seeds[s])``; a sequence gives each network
+    its own scale (a grid over init scales in one batched run).
 
     Defined in: chapters/07_mnist.ipynb
     """
 
     def __init__(self, seeds: list[int] | tuple[int, ...], bn: bool = False,
-                 sizes: tuple[int, ...] = (784, 100, 100, 100, 10), init_std: float = 0.1,
+                 sizes: tuple[int, ...] = (784, 100, 100, 100, 10), init_std: float | list[float] = 0.1,
                  bn_layer: type | None = None):
         super().__init__()
         self.S, self.sizes, self.bn = len(seeds), tuple(sizes), bn
         bn1d = bn_layer or default_bn_layers()[0]
-        per_seed = [mlp(bn, sizes, init_std, torch.Generator().manual_seed(int(s)), nn.BatchNorm1d)
-                    for s in seeds]
+        stds = [float(init_std)] * self.S if isinstance(init_std, (int, float)) else [float(v) for v in init_std]
+        if len(stds) != self.S:
+            raise ValueError(f"init_std has {len(stds)} values for {self.S} seeds")
+        per_seed = [mlp(bn, sizes, std, torch.Generator().manual_seed(int(s)), nn.BatchNorm1d)
+                    for s, std in zip(seeds, stds)]
         linears = [[m for m in net if isinstance(m, nn.Linear)] for net in per_seed]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
