@@ -6,6 +6,7 @@ data      provision MNIST (see bnlib.data.provision_mnist)
 figure1   the paper's Figure 1: sigmoid MLP with and without BN (see bnlib.mnist.figure1)
 figure1-grid  Figure 1 over init scale x learning rate (see bnlib.mnist.figure1_grid)
 cnn       the seed CNN with and without BN (see bnlib.mnist.cnn_experiments)
+small-batch  no norm, BN, GN, LN and batch renorm at small batch sizes (see bnlib.norms.small_batch_grid)
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ def _cnn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _small_batch(args: argparse.Namespace) -> int:
+    import time
+
+    from bnlib.norms import SmallBatchConfig, small_batch_grid
+    from bnlib.results import save_results
+
+    cfg = SmallBatchConfig(**_overrides(args, "batch_sizes", "norms", "seeds", "examples", "threads"))
+    t0 = time.perf_counter()
+    res = small_batch_grid(cfg, progress=not args.quiet)
+    save_results(args.out, res, seconds=time.perf_counter() - t0, threads=cfg.threads)
+    print(f"results written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnlib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -133,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="cnn.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cnn)
+    p = sub.add_parser("small-batch", help="a small CNN with no norm, BN, GN, LN, batch renorm at batch sizes 2-64")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 2 4 8 16 64")
+    p.add_argument("--norms", nargs="+", default=None, choices=["none", "bn", "gn", "ln", "renorm"])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    p.add_argument("--examples", type=int, default=None, help="examples seen per run (default 10000)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="results/small_batch.json")
+    p.add_argument("--quiet", action="store_true", help="no per-run lines")
+    p.set_defaults(func=_small_batch)
     args = parser.parse_args(argv)
     return args.func(args)
 
