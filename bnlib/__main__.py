@@ -5,8 +5,9 @@ Commands
 data      provision MNIST (see bnlib.data.provision_mnist)
 figure1   the paper's Figure 1: sigmoid MLP with and without BN (see bnlib.mnist.figure1)
 figure1-grid  Figure 1 over init scale x learning rate (see bnlib.mnist.figure1_grid)
-cnn       the seed CNN with and without BN (see bnlib.mnist.cnn_experiments)
+cnn       the seed CNN with and without BN, several seeds (see bnlib.mnist.cnn_experiments)
 small-batch  no norm, BN, GN, LN and batch renorm at small batch sizes (see bnlib.norms.small_batch_grid)
+lenet     the seeds' LeNet with and without BN on full MNIST (see bnlib.mnist.lenet_experiment)
 """
 
 from __future__ import annotations
@@ -79,11 +80,34 @@ def _cnn(args: argparse.Namespace) -> int:
 
     from bnlib.mnist import CNNConfig, cnn_experiments
 
-    cfg = CNNConfig(**_overrides(args, "train_size", "epochs", "lr", "sweep_lrs", "sweep_steps", "seed", "threads"))
+    import time
+
+    from bnlib.results import save_results
+
+    cfg = CNNConfig(**_overrides(args, "train_size", "epochs", "lr", "sweep_lrs", "sweep_steps", "seeds",
+                                 "threads"))
+    t0 = time.perf_counter()
     res = cnn_experiments(cfg, parts=tuple(args.parts), progress=not args.quiet)
     res.pop("models")
-    with open(args.out, "w") as f:
-        json.dump(res, f)
+    save_results(args.out, res, seconds=time.perf_counter() - t0, threads=cfg.threads)
+    print(f"results written to {args.out}")
+    return 0
+
+
+def _lenet(args: argparse.Namespace) -> int:
+    import time
+
+    from bnlib.mnist import LeNetConfig, lenet_experiment
+    from bnlib.results import save_results
+
+    cfg = LeNetConfig(**_overrides(args, "epochs", "lr", "seeds", "eval_every", "train_size", "threads"))
+    t0 = time.perf_counter()
+    res = lenet_experiment(cfg, progress=not args.quiet)
+    save_results(args.out, res, seconds=time.perf_counter() - t0, threads=cfg.threads)
+    for key in ("baseline", "bn"):
+        final = [h["test_accuracy"][-1] for h in res[key]]
+        print(f"LeNet {key:8s} final test accuracy {sum(final) / len(final):.4f} "
+              f"(seeds: {', '.join(f'{a:.4f}' for a in final)})")
     print(f"results written to {args.out}")
     return 0
 
@@ -143,11 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--sweep-lrs", type=float, nargs="+", default=None)
     p.add_argument("--sweep-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="cnn.json")
+    p.add_argument("--out", default="results/cnn.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cnn)
+
+    p = sub.add_parser("lenet", help="the seeds' LeNet with and without BN on full MNIST (plain SGD, 10 epochs)")
+    p.add_argument("--epochs", type=int, default=None, help="default 10")
+    p.add_argument("--lr", type=float, default=None, help="default 0.01")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (0: per epoch)")
+    p.add_argument("--train-size", type=int, default=None, help="default 60000 (full MNIST)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="results/lenet.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_lenet)
     p = sub.add_parser("small-batch", help="a small CNN with no norm, BN, GN, LN, batch renorm at batch sizes 2-64")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 2 4 8 16 64")
     p.add_argument("--norms", nargs="+", default=None, choices=["none", "bn", "gn", "ln", "renorm"])

@@ -46,6 +46,9 @@ __all__ = [
     "CNNConfig",
     "cnn_data",
     "cnn_experiments",
+    "weight_norms",
+    "LeNetConfig",
+    "lenet_experiment",
     "progress_bar",
 ]
 
@@ -303,15 +306,20 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
              train_mode: bool = False) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` on ``(x, y)`` in batches of ``batch_size``.
 
-    ``train_mode=True`` evaluates as if ``model.eval()`` had been forgotten: BN normalises with each test
-    batch's own statistics (and updates the running ones), dropout stays on. The model's mode is restored;
-    its BN buffers are restored too, so the measurement has no side effect.
+    ``train_mode=True`` evaluates as if ``model.eval()`` had been forgotten for the batch-norm layers only: they
+    normalise with each test batch's own statistics (and update their running ones), while every other layer
+    (dropout) stays in eval mode, so the measurement shows what BN's mode alone costs. Every module's mode is
+    restored afterwards, and so are the BN buffers: the measurement has no side effect.
 
     Defined in: chapters/07_mnist.ipynb
     """
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     saved = {k: v.clone() for k, v in model.state_dict().items()} if train_mode else None
-    model.train(train_mode)
+    model.eval()
+    if train_mode:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train()
     loss, correct = 0.0, 0
     for i in range(0, x.shape[0], batch_size):
         logits = model(x[i: i + batch_size])
@@ -319,7 +327,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
         correct += (logits.argmax(1) == y[i: i + batch_size]).sum().item()
     if saved is not None:
         model.load_state_dict(saved)
-    model.train(was_training)
+    for m, training in modes.items():
+        m.training = training
     return loss / x.shape[0], correct / x.shape[0]
 
 
@@ -386,8 +395,9 @@ class CNNConfig:
     momentum: float = 0.9
     sweep_lrs: tuple = (0.03, 0.1, 0.3, 1.0)
     sweep_steps: int = 60
-    eval_batch_sizes: tuple = (1000, 64, 8)  # forgetting model.eval(): test batches of these sizes
-    seed: int = 0
+    eval_batch_sizes: tuple = (1000, 64, 8)  # forgetting model.eval() for BN: test batches of these sizes
+    seeds: tuple = (0, 1, 2)       # each seed: the initial weights, the batch order, the dropout masks
+    data_seed: int = 0             # the choice of the training and test subsets (the same for every seed)
     threads: int = 1
 
     def as_dict(self) -> dict:
@@ -396,33 +406,44 @@ class CNNConfig:
 
 
 def cnn_data(cfg: CNNConfig, root=None):
-    """Standardised subsets ``(x_train, y_train, x_test, y_test)`` of the sizes in ``cfg`` (seeded choice).
+    """Standardised subsets ``(x_train, y_train, x_test, y_test)`` of the sizes in ``cfg`` (chosen by ``data_seed``).
 
     Defined in: chapters/07_mnist.ipynb
     """
     xtr, ytr = load_mnist(True, root)
     xte, yte = load_mnist(False, root)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.data_seed)
     itr = torch.randperm(xtr.shape[0], generator=g)[: cfg.train_size]
     ite = torch.randperm(xte.shape[0], generator=g)[: cfg.test_size]
     return standardize(xtr[itr]), ytr[itr], standardize(xte[ite]), yte[ite]
 
 
-def _new_cnn(cfg: CNNConfig, bn: bool, position: str = "pre", bn_layer=None, bn2d_layer=None) -> SeedCNN:
-    torch.manual_seed(cfg.seed)  # the same initial conv/fc weights for every variant
+def _new_cnn(seed: int, bn: bool, position: str = "pre", bn_layer=None, bn2d_layer=None) -> SeedCNN:
+    torch.manual_seed(seed)  # the same initial conv/fc weights for every variant of one seed
     return SeedCNN(bn=bn, bn_position=position, bn_layer=bn_layer, bn2d_layer=bn2d_layer)
+
+
+def weight_norms(model: torch.nn.Module) -> list[float]:
+    """Frobenius norm of the weight of every conv and linear layer of ``model``, in order.
+
+    Defined in: chapters/07_mnist.ipynb
+    """
+    return [float(m.weight.detach().norm()) for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
 
 def cnn_experiments(cfg: CNNConfig | None = None, parts=("curves", "sweep", "placement", "eval"),
                     data=None, progress: bool = True, bn_layer=None, bn2d_layer=None, root=None) -> dict:
-    """The seed-CNN experiments of the chapter; returns a JSON-ready dict with one entry per part.
+    """The seed-CNN experiments of the chapter, for every seed in ``cfg.seeds``; a JSON-ready dict per part.
 
-    ``curves``: per-epoch train loss, test loss and test accuracy without BN (``"baseline"``) and with BN
-    before the ReLU (``"bn"``). ``placement``: the same with BN after the ReLU (``"bn_post"``).
-    ``sweep``: test loss/accuracy after ``sweep_steps`` steps at each rate in ``sweep_lrs``, with and without BN
-    (``"diverged"`` when the loss became NaN/inf). ``eval``: test accuracy of the trained networks evaluated
-    correctly (``model.eval()``) and as if ``eval()`` had been forgotten, for test batches of each size in
-    ``eval_batch_sizes``. ``eval`` needs ``curves`` (it reuses the trained networks).
+    ``curves``: one history of :func:`train_cnn` per seed (per-epoch train loss, test loss, test accuracy)
+    without BN (``"baseline"``) and with BN before the ReLU (``"bn"``); ``placement``: the same with BN after
+    the ReLU (``"bn_post"``). ``sweep``: for each rate in ``sweep_lrs``, each network and each seed, the test
+    loss/accuracy after ``sweep_steps`` steps, ``"diverged"`` (the loss became NaN/inf) and the weight norms
+    (:func:`weight_norms`) before and after. ``eval``: per seed, the test accuracy of the trained networks in
+    eval mode and with only the BN layers in training mode (``evaluate(..., train_mode=True)``) for test
+    batches of each size in ``eval_batch_sizes``; needs ``curves`` (it reuses the trained networks). The
+    models of the last seed are returned under ``"models"`` (not JSON).
 
     Defined in: chapters/07_mnist.ipynb
     """
@@ -430,34 +451,90 @@ def cnn_experiments(cfg: CNNConfig | None = None, parts=("curves", "sweep", "pla
     torch.set_num_threads(cfg.threads)
     x, y, xt, yt = data if data is not None else cnn_data(cfg, root)
     out: dict = {"config": cfg.as_dict()}
-    kw = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed,
-              progress=progress)
-    models = {}
     variants = []
     if "curves" in parts or "eval" in parts:
         variants += [("baseline", False, "pre"), ("bn", True, "pre")]
     if "placement" in parts:
         variants += [("bn_post", True, "post")]
-    for name, bn, position in variants:
-        models[name] = _new_cnn(cfg, bn, position, bn_layer, bn2d_layer)
-        out[name] = train_cnn(models[name], x, y, xt, yt, desc=f"{name:8s}", **kw)
+    for name, _, _ in variants:
+        out[name] = []
     if "sweep" in parts:
-        sweep = {"lr": list(cfg.sweep_lrs), "baseline": [], "bn": []}
-        for lr in cfg.sweep_lrs:
-            for name, bn in (("baseline", False), ("bn", True)):
-                h = train_cnn(_new_cnn(cfg, bn, "pre", bn_layer, bn2d_layer), x, y, xt, yt, steps=cfg.sweep_steps,
-                              batch_size=cfg.batch_size, lr=lr, momentum=cfg.momentum, seed=cfg.seed,
-                              progress=progress, desc=f"{name} lr={lr:g}")
-                sweep[name].append({"test_loss": h["test_loss"][-1], "test_accuracy": h["test_accuracy"][-1],
-                                    "diverged": h["diverged"]})
-        out["sweep"] = sweep
+        out["sweep"] = {"lr": list(cfg.sweep_lrs), "baseline": [[] for _ in cfg.sweep_lrs],
+                        "bn": [[] for _ in cfg.sweep_lrs]}
     if "eval" in parts:
-        ev = {"batch_sizes": list(cfg.eval_batch_sizes)}
-        for name in ("baseline", "bn"):
-            torch.manual_seed(cfg.seed)  # dropout masks in training mode
-            ev[name] = {"eval": evaluate(models[name], xt, yt)[1],
-                        "train_mode": [evaluate(models[name], xt, yt, bs, train_mode=True)[1]
-                                       for bs in cfg.eval_batch_sizes]}
-        out["eval"] = ev
+        out["eval"] = {"batch_sizes": list(cfg.eval_batch_sizes), "baseline": [], "bn": []}
+    models = {}
+    for seed in cfg.seeds:
+        kw = dict(batch_size=cfg.batch_size, momentum=cfg.momentum, seed=seed, progress=progress)
+        for name, bn, position in variants:
+            models[name] = _new_cnn(seed, bn, position, bn_layer, bn2d_layer)
+            out[name].append(train_cnn(models[name], x, y, xt, yt, epochs=cfg.epochs, lr=cfg.lr,
+                                       desc=f"{name:8s} seed {seed}", **kw))
+        if "sweep" in parts:
+            for i, lr in enumerate(cfg.sweep_lrs):
+                for name, bn in (("baseline", False), ("bn", True)):
+                    model = _new_cnn(seed, bn, "pre", bn_layer, bn2d_layer)
+                    before = weight_norms(model)
+                    h = train_cnn(model, x, y, xt, yt, steps=cfg.sweep_steps, lr=lr,
+                                  desc=f"{name} lr={lr:g} seed {seed}", **kw)
+                    out["sweep"][name][i].append({"test_loss": h["test_loss"][-1],
+                                                  "test_accuracy": h["test_accuracy"][-1],
+                                                  "diverged": h["diverged"], "weight_norms_init": before,
+                                                  "weight_norms": weight_norms(model)})
+        if "eval" in parts:
+            for name in ("baseline", "bn"):
+                out["eval"][name].append({
+                    "eval": evaluate(models[name], xt, yt)[1],
+                    "train_mode": [evaluate(models[name], xt, yt, bs, train_mode=True)[1]
+                                   for bs in cfg.eval_batch_sizes]})
     out["models"] = models
+    return out
+
+
+@dataclass
+class LeNetConfig:
+    """The seeds' LeNet experiment (:class:`bnlib.models.LeNet` with and without BN on full MNIST).
+
+    Defined in: chapters/07_mnist.ipynb
+    """
+
+    epochs: int = 10               # the W&B report's
+    batch_size: int = 64
+    lr: float = 0.01               # plain SGD (no momentum), cross-entropy, as the report
+    seeds: tuple = (0, 1, 2)
+    eval_every: int = 0            # steps between evaluations on the 10k test images; 0: once per epoch
+    train_size: int = 60_000       # the first train_size images of a fixed permutation (full MNIST: 60,000)
+    threads: int = 1
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def lenet_experiment(cfg: LeNetConfig | None = None, progress: bool = True, bn2d_layer=None, root=None) -> dict:
+    """Train the LeNet with and without BN for every seed; return ``{"config", "baseline": [history per seed],
+    "bn": [...]}`` (histories of :func:`train_cnn`: step, train loss, test loss, test accuracy per evaluation).
+
+    Both networks of one seed start from the same conv/fc weights and see the same batches.
+
+    Defined in: chapters/07_mnist.ipynb
+    """
+    from bnlib.models import LeNet
+
+    cfg = cfg or LeNetConfig()
+    torch.set_num_threads(cfg.threads)
+    xtr, ytr = load_mnist(True, root)
+    xte, yte = load_mnist(False, root)
+    if cfg.train_size < xtr.shape[0]:
+        keep = torch.randperm(xtr.shape[0], generator=torch.Generator().manual_seed(0))[: cfg.train_size]
+        xtr, ytr = xtr[keep], ytr[keep]
+    x, xt = standardize(xtr), standardize(xte)
+    out: dict = {"config": cfg.as_dict(), "baseline": [], "bn": []}
+    for seed in cfg.seeds:
+        for name, bn in (("baseline", False), ("bn", True)):
+            torch.manual_seed(seed)
+            model = LeNet(bn=bn, bn2d_layer=bn2d_layer)
+            out[name].append(train_cnn(model, x, ytr, xt, yte, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                       lr=cfg.lr, momentum=0.0, seed=seed, eval_every=cfg.eval_every or None,
+                                       progress=progress, desc=f"LeNet {name} seed {seed}"))
     return out

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["default_bn_layers", "SeedCNN", "mlp", "BatchedMLP"]
+__all__ = ["default_bn_layers", "SeedCNN", "LeNet", "mlp", "BatchedMLP"]
 
 
 def default_bn_layers() -> tuple[type, type]:
@@ -74,6 +74,37 @@ class SeedCNN(nn.Module):
             *block(nn.Linear(9216, 128, bias=bias), bn1d(128)),
             nn.Dropout(0.5 if dropout else 0.0),
             nn.Linear(128, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class LeNet(nn.Module):
+    """The seeds' LeNet-style CNN: conv(1→6, 5×5, pad 2) → ReLU → maxpool 2 → [BN(6)] → conv(6→16, 5×5) → ReLU →
+    maxpool 2 → [BN(16)] → fc(400→120) → ReLU → fc(120→84) → ReLU → fc(84→10).
+
+    BN (if ``bn``) sits after each pooling, as in the W&B report this course started from; padding 2 on the first
+    conv adapts LeNet-5's 32×32 input to MNIST's 28×28 (so the flattened size is 16·5·5 = 400, as in LeNet-5).
+    Input ``(N, 1, 28, 28)``, output logits ``(N, 10)``.
+
+    Defined in: chapters/07_mnist.ipynb
+    """
+
+    def __init__(self, bn: bool = False, bn2d_layer: type | None = None):
+        super().__init__()
+        bn2d = bn2d_layer or default_bn_layers()[1]
+
+        def norm(c):
+            return [bn2d(c)] if bn else []
+
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), *norm(6),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), *norm(16),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
