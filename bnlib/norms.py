@@ -26,8 +26,8 @@ statistics and change what they are computed from (ghost: virtual sub-batches) o
 (renorm: the running statistics, through r and d).
 
 NumPy semantics are torch's (shapes, defaults, running statistics, error types and messages for bad shapes and
-groups), with two documented limits inherited from ``batch_norm_forward``: eps must be > 0 and every group must
-hold more than one value (torch allows eps = 0 and one-value groups, which it maps to 0).
+groups), with one documented limit inherited from ``batch_norm_forward``: eps must be > 0 (torch's layer and
+group norm also accept eps = 0).
 
 Sections: NumPy (functions, layers), torch (functions, drop-in modules), batch renorm, ghost batch norm, the
 small CNN and the small-batch experiments of the chapter.
@@ -108,8 +108,19 @@ class NormCache(NamedTuple):
 
 
 def _standardize(x, rows: int, eps: float):
-    """Batch norm of the (1, rows, M) view of x, no affine: returns (x_hat in x's shape, BNCache)."""
-    x_hat, cache = batch_norm_forward(x.reshape(1, rows, -1), None, None, eps)
+    """Batch norm of the (1, rows, M) view of x, no affine: returns (x_hat in x's shape, BNCache).
+
+    M = 1 (one value per group, which batch norm refuses): x_hat = x - mean = 0, as in torch; the cache makes
+    batch_norm_backward return dx = 0, the compact formula with m = 1.
+    """
+    view = x.reshape(1, rows, -1)
+    if view.shape[2] == 1:
+        xc = view.astype(np.promote_types(x.dtype, np.float32))
+        zero = np.zeros(rows, xc.dtype)
+        cache = BNCache(view, np.zeros_like(xc), xc.ravel(), zero, zero + 1 / np.sqrt(eps), None, None, eps,
+                        (0, 2), batch_stats=True)
+        return np.zeros_like(x), cache
+    x_hat, cache = batch_norm_forward(view, None, None, eps)
     return x_hat.reshape(x.shape), cache
 
 
