@@ -25,8 +25,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-__all__ = ["free_port", "launch", "init_from_env", "parity_inputs", "sync_bn_outputs", "DDPConfig", "ddp_parity",
-           "ddp_train", "split_batch", "single_process_train", "comm_counts", "main"]
+__all__ = ["free_port", "launch", "init_from_env", "run_tasks", "parity_inputs", "sync_bn_outputs", "torch_reference",
+           "DDPConfig",
+           "ddp_data", "split_batch", "single_process_train", "ddp_parity", "ddp_train", "comm_counts", "main"]
 
 
 def free_port() -> int:
@@ -129,6 +130,29 @@ def sync_bn_outputs(rank: int, world_size: int, inputs: dict, momentum: float = 
     return out
 
 
+def torch_reference(inputs: dict, momentum: float = 0.1) -> dict:
+    """What one process computes on the concatenated batch, with torch's own ``F.batch_norm`` and autograd.
+
+    Defined in: chapters/09_sync_bn.ipynb
+
+    ``inputs`` from :func:`parity_inputs`; returns the keys of :func:`sync_bn_outputs` for the whole batch
+    (dgamma, dbeta: the full sums).
+    """
+    C = inputs["weight"].shape[0]
+    dtype = inputs["weight"].dtype
+    rm, rv = torch.zeros(C, dtype=dtype), torch.ones(C, dtype=dtype)
+    out = {"y": [], "dx": [], "dgamma": [], "dbeta": []}
+    for x, dy in zip(inputs["x"], inputs["dy"]):
+        x = x.clone().requires_grad_(True)
+        w, b = inputs["weight"].clone().requires_grad_(True), inputs["bias"].clone().requires_grad_(True)
+        y = F.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum)
+        (y * dy).sum().backward()
+        out["y"].append(y.detach()), out["dx"].append(x.grad)
+        out["dgamma"].append(w.grad), out["dbeta"].append(b.grad)
+    out.update(running_mean=rm, running_var=rv, num_batches_tracked=len(inputs["x"]))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ experiments
 @dataclass
 class DDPConfig:
@@ -150,10 +174,29 @@ class DDPConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-def _data(cfg: DDPConfig):
+def ddp_data(cfg: DDPConfig | None = None, root=None):
+    """The standardised MNIST subsets ``(x_train, y_train, x_test, y_test)`` of ``cfg``'s sizes.
+
+    Defined in: chapters/09_sync_bn.ipynb
+
+    Read once by the caller and passed to the processes (reading MNIST in every process would cost more than
+    the runs).
+    """
     from bnlib.mnist import CNNConfig, cnn_data
 
-    return cnn_data(CNNConfig(train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.data_seed))
+    cfg = cfg or DDPConfig()
+    return cnn_data(CNNConfig(train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.data_seed), root)
+
+
+def run_tasks(rank: int, world_size: int, tasks) -> list:
+    """Run several module-level functions ``fn(rank, world_size, *args)`` one after the other in one group.
+
+    Defined in: chapters/09_sync_bn.ipynb
+
+    ``tasks``: a list of ``(fn, args)``; returns this rank's results in the same order.  One
+    :func:`launch` of this costs one start-up of the processes instead of one per task.
+    """
+    return [fn(rank, world_size, *args) for fn, args in tasks]
 
 
 def split_batch(idx: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -176,13 +219,13 @@ def _new_model(seed: int, bn: str, dtype=torch.float32):
 
 
 def single_process_train(seed: int, cfg: DDPConfig, data, dtype=torch.float32, steps: int | None = None,
-                         record: bool = False) -> dict:
+                         record: bool = False, test: bool = True) -> dict:
     """One process, the whole global batch: the reference a DDP run with SyncBatchNorm must equal.
 
     Defined in: chapters/09_sync_bn.ipynb
 
-    Returns ``{"test_accuracy": float}`` (eval mode, running statistics) and, with ``record``, ``"params"``: the
-    flattened parameters after every step.
+    Returns ``{"test_accuracy": float}`` (eval mode, running statistics; None without ``test``) and, with
+    ``record``, ``"params"``: the flattened parameters after every step.
     """
     from bnlib.mnist import batch_indices, evaluate
 
@@ -197,13 +240,13 @@ def single_process_train(seed: int, cfg: DDPConfig, data, dtype=torch.float32, s
         opt.step()
         if record:
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    out = {"test_accuracy": evaluate(model, xt.to(dtype), yt)[1]}
+    out = {"test_accuracy": evaluate(model, xt.to(dtype), yt)[1] if test else None}
     if record:
         out["params"] = params
     return out
 
 
-def _ddp_run(rank, world_size, seed, bn, cfg, data, dtype=torch.float32, steps=None, record=False):
+def _ddp_run(rank, world_size, seed, bn, cfg, data, dtype=torch.float32, steps=None, record=False, test=True):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from bnlib.mnist import batch_indices, evaluate
@@ -220,14 +263,14 @@ def _ddp_run(rank, world_size, seed, bn, cfg, data, dtype=torch.float32, steps=N
         opt.step()
         if record:
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    out = {"test_accuracy": evaluate(model.module, xt.to(dtype), yt)[1] if rank == 0 else None}
+    out = {"test_accuracy": evaluate(model.module, xt.to(dtype), yt)[1] if rank == 0 and test else None}
     if record:
         out["params"] = params
     return out
 
 
-def ddp_parity(rank: int, world_size: int, seed: int = 0, steps: int = 3, global_batch: int = 16,
-               train_size: int = 512) -> dict | None:
+def ddp_parity(rank: int, world_size: int, data, seed: int = 0, steps: int = 3,
+               global_batch: int = 16) -> dict | None:
     """DDP + SyncBatchNorm against one process on the whole batch, in float64, step for step.
 
     Defined in: chapters/09_sync_bn.ipynb
@@ -236,17 +279,16 @@ def ddp_parity(rank: int, world_size: int, seed: int = 0, steps: int = 3, global
     batches; rank 0 then trains the same network in one process on the whole batches.  Rank 0 returns
     ``{"max_abs_diff": [after step 1, 2, ...], "max_abs_param": float}``, the others None.
     """
-    cfg = DDPConfig(steps=steps, global_batch=global_batch, train_size=train_size, test_size=16)
-    data = _data(cfg)
-    ddp = _ddp_run(rank, world_size, seed, "sync", cfg, data, torch.float64, record=True)
+    cfg = DDPConfig(steps=steps, global_batch=global_batch)
+    ddp = _ddp_run(rank, world_size, seed, "sync", cfg, data, torch.float64, record=True, test=False)
     if rank != 0:
         return None
-    ref = single_process_train(seed, cfg, data, torch.float64, record=True)
+    ref = single_process_train(seed, cfg, data, torch.float64, record=True, test=False)
     diffs = [float((a - b).abs().max()) for a, b in zip(ddp["params"], ref["params"])]
     return {"max_abs_diff": diffs, "max_abs_param": float(ref["params"][-1].abs().max())}
 
 
-def ddp_train(rank: int, world_size: int, cfg: DDPConfig | None = None) -> dict:
+def ddp_train(rank: int, world_size: int, cfg: DDPConfig, data) -> dict:
     """The chapter's comparison, for every seed: DDP with per-rank BN, DDP with SyncBatchNorm, one process.
 
     Defined in: chapters/09_sync_bn.ipynb
@@ -257,8 +299,6 @@ def ddp_train(rank: int, world_size: int, cfg: DDPConfig | None = None) -> dict:
     "seconds": {...}}`` with test accuracies in eval mode (None where this rank did not evaluate); the caller
     takes rank 0's DDP entries and each rank's single entries.
     """
-    cfg = cfg or DDPConfig()
-    data = _data(cfg)
     out = {"local": [], "sync": [], "single": [], "seconds": {"local": 0.0, "sync": 0.0, "single": 0.0}}
     for i, seed in enumerate(cfg.seeds):
         for bn in ("local", "sync"):
@@ -317,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rank, world = init_from_env()
     torch.set_num_threads(1)
-    res = ddp_train(rank, world, DDPConfig(seeds=tuple(args.seeds), steps=args.steps))
+    cfg = DDPConfig(seeds=tuple(args.seeds), steps=args.steps)
+    res = ddp_train(rank, world, cfg, ddp_data(cfg))
     if rank == 0:
         print({k: v for k, v in res.items() if k != "seconds"})
     dist.destroy_process_group()

@@ -46,6 +46,18 @@ def _parity_worker(rank, world_size, cases):
             enumerate(cases)]
 
 
+def _two_rank_worker(rank, world_size):
+    """Everything the 2-process tests check, in one group (one spawn): parity, derivatives, then errors."""
+    return {"parity": _parity_worker(rank, world_size, CASES_2), "grad": _grad_worker(rank, world_size),
+            "errors": _error_worker(rank, world_size)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """The results of :func:`_two_rank_worker` on ranks 0 and 1 (a spawn costs seconds: one for the module)."""
+    return launch(_two_rank_worker, 2, timeout=60)
+
+
 def _grad_worker(rank, world_size):
     """gradcheck in a one-rank subgroup (rank 0), then a directional-derivative check across all ranks."""
     sub = dist.new_group([0])  # every rank must call new_group
@@ -102,8 +114,8 @@ def _check_parity(cases, results):
     return worst
 
 
-def test_two_processes_equal_one_batch():
-    results = launch(_parity_worker, 2, CASES_2)
+def test_two_processes_equal_one_batch(two_ranks):
+    results = [r["parity"] for r in two_ranks]
     assert 0 < _check_parity(CASES_2, results) < TOL
 
 
@@ -112,8 +124,8 @@ def test_three_processes_equal_one_batch():
     assert 0 < _check_parity(CASES_3, results) < TOL
 
 
-def test_gradcheck_and_directional_derivative_across_ranks():
-    results = launch(_grad_worker, 2)
+def test_gradcheck_and_directional_derivative_across_ranks(two_ranks):
+    results = [r["grad"] for r in two_ranks]
     assert results[0]["gradcheck"] is True
     numeric, analytic = results[0]["directional"]
     assert results[1]["directional"] == (numeric, analytic)  # all-reduced: the same on every rank
@@ -146,7 +158,7 @@ def _error_worker(rank, world_size):
     dist.all_reduce(t)
     out["after"] = float(t)
     # a rank that does not take part (eval mode on rank 1): rank 0 times out instead of hanging
-    short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=2))
+    short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=1))
     bn = SyncBatchNorm(3, process_group=short).train(rank == 0)
     t0 = time.perf_counter()
     if rank == 0:
@@ -154,12 +166,12 @@ def _error_worker(rank, world_size):
         out["seconds"] = time.perf_counter() - t0
     else:
         bn(torch.randn(4, 3, generator=g))
-        time.sleep(4)  # stay alive past rank 0's timeout
+        time.sleep(2.5)  # stay alive past rank 0's timeout
     return out
 
 
-def test_disagreeing_ranks_raise_instead_of_hanging():
-    results = launch(_error_worker, 2, timeout=60)
+def test_disagreeing_ranks_raise_instead_of_hanging(two_ranks):
+    results = [r["errors"] for r in two_ranks]
     for r, res in enumerate(results):
         kind, msg = res["channels"]
         assert kind == "RuntimeError" and "disagree on the number of channels" in msg
@@ -171,7 +183,7 @@ def test_disagreeing_ranks_raise_instead_of_hanging():
         assert res["after"] == 2.0
     kind, msg = results[0]["skipped"]
     assert kind == "RuntimeError", msg
-    assert 1.5 < results[0]["seconds"] < 10
+    assert 0.9 < results[0]["seconds"] < 10
 
 
 # ------------------------------------------------------------------------------ without a process group
