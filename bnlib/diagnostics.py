@@ -96,7 +96,7 @@ def grad_stats(preacts: Sequence[torch.Tensor], batched: bool = True) -> torch.T
     """
     rows = []
     for z in preacts:
-        if z.grad is None:
+        if not (z.is_leaf or z.retains_grad) or z.grad is None:
             raise RuntimeError("a pre-activation has no .grad: call retain_grad() on it before backward()")
         g = _flat(z.grad, batched).double()
         rows.append(g.square().mean(1).sqrt())

@@ -71,15 +71,17 @@ def reference_effective_beta(g: torch.Tensor, grads: torch.Tensor, etas: torch.T
     return (change / (etas * torch.linalg.vector_norm(g))).max()
 
 
-def _quadratic_case(name: str, seed: int, scale: float, etas, d: int = 6, cubic: float = 0.0) -> Case:
-    """Gradients of L(w) = 1/2 w^T H w + cubic * sum(w^3) / 3 along its gradient: grads differ step by step."""
+def _quadratic_case(name: str, seed: int, scale: float, etas, d: int = 6, cubic: float = 0.0,
+                    saturate: bool = False) -> Case:
+    """Gradients H w + cubic * w² (of 1/2 w^T H w + cubic * sum(w³) / 3), or tanh(H w) with ``saturate`` (the
+    ratio then falls with the step, so the largest is the first), along the gradient."""
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(d, d, generator=gen, dtype=torch.float64)
     H = scale * (A @ A.T + torch.eye(d, dtype=torch.float64))
     w = torch.randn(d, generator=gen, dtype=torch.float64)
 
     def grad(v):
-        return H @ v + cubic * v ** 2
+        return torch.tanh(H @ v) if saturate else H @ v + cubic * v ** 2
 
     g = grad(w)
     etas = torch.tensor(etas, dtype=torch.float64)
@@ -91,6 +93,8 @@ def _beta_cases() -> list[Case]:
     return [_quadratic_case("a quadratic, three steps", 11, 1.0, [0.01, 0.02, 0.05]),
             _quadratic_case("a cubic term: the ratio changes with the step", 12, 0.5, [0.001, 0.01, 0.1, 0.3],
                             cubic=3.0),
+            _quadratic_case("a saturating gradient: the first step is the steepest", 14, 1.0, [0.01, 0.5, 2.0],
+                            saturate=True),
             _quadratic_case("a steep quadratic, one step", 13, 50.0, [1e-4])]
 
 
@@ -103,6 +107,8 @@ def _beta_mistakes(case):
         Mistake("not divided by the step η ‖g‖: that is the largest gradient change, not a smoothness",
                 lambda c: change.max()),
         Mistake("the mean over the steps: β is the worst case, the maximum", lambda c: (change / (etas * ng)).mean()),
+        Mistake("only the last (largest) step: β is the maximum over every step, and the steepest may be the first",
+                lambda c: change[-1] / (etas[-1] * ng)),
         Mistake("the minimum over the steps: β is the worst case, the maximum", lambda c: (change / (etas * ng)).min()),
         Mistake("‖grads[e]‖ − ‖g‖ (a change of norms) instead of ‖g − grads[e]‖",
                 lambda c: ((torch.linalg.vector_norm(grads, dim=1) - ng).abs() / (etas * ng)).max()),
@@ -110,7 +116,7 @@ def _beta_mistakes(case):
 
 
 def check_effective_beta(fn, verbose: bool = True) -> bool:
-    """Run ``fn(g, grads, etas)`` on three float64 cases against the effective β-smoothness; print a diagnosis of the
+    """Run ``fn(g, grads, etas)`` on four float64 cases against the effective β-smoothness; print a diagnosis of the
     first failure; True if every case agrees to 1e-10 (relative)."""
     return run(fn, _beta_cases(), inputs=("g", "grads", "etas"), outputs=("beta",), mistakes=_beta_mistakes,
                unknown="for each step compute ‖g − grads[e]‖, divide by the distance moved η_e ‖g‖, keep the largest",
