@@ -185,7 +185,7 @@ def ddp_data(cfg: DDPConfig | None = None, root=None):
     from bnlib.mnist import CNNConfig, cnn_data
 
     cfg = cfg or DDPConfig()
-    return cnn_data(CNNConfig(train_size=cfg.train_size, test_size=cfg.test_size, seed=cfg.data_seed), root)
+    return cnn_data(CNNConfig(train_size=cfg.train_size, test_size=cfg.test_size, data_seed=cfg.data_seed), root)
 
 
 def run_tasks(rank: int, world_size: int, tasks) -> list:

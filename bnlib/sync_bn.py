@@ -4,7 +4,7 @@ Defined in: chapters/09_sync_bn.ipynb
 
 Public objects
 --------------
-SyncBatchNorm            subclass of ``torch.nn.SyncBatchNorm`` whose forward runs on CPU (gloo) as on GPUs.
+SyncBatchNorm            ``torch.nn.SyncBatchNorm``'s interface, running on CPU (gloo) as on GPUs.
 SyncBatchNormFunction    the autograd.Function: one all-gather in forward, one all-reduce in backward.
 sync_batch_norm          the functional form (statistics over every rank of ``group``).
 convert_sync_batchnorm   swap every BatchNorm*d (bnlib's or torch's) of a model for :class:`SyncBatchNorm`.
@@ -246,17 +246,33 @@ def _check_same_channels(input: Tensor, num_features: int, group) -> None:
                            f"({names}); every rank must run the same model on inputs of the same layout")
 
 
-class SyncBatchNorm(torch.nn.SyncBatchNorm):
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """``torch.nn.SyncBatchNorm`` that also runs on CPU (gloo) and with any backend, computed by bnlib.
 
     Defined in: chapters/09_sync_bn.ipynb
 
-    A subclass of torch's class that overrides ``forward`` only: same constructor
-    ``SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-    process_group=None)``, parameters, buffers, state_dict, repr and input checks.  Input (N_r, C, *S), any
+    Same constructor as torch's, ``SyncBatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True, process_group=None)``, and the same parameters, buffers, state_dict, repr and input
+    checks.  A subclass of torch's ``_BatchNorm`` (like every torch batch-norm layer) but not of
+    ``torch.nn.SyncBatchNorm``: DistributedDataParallel refuses that class on CPU.  Input (N_r, C, *S), any
     N_r >= 0 per rank.  Training mode inside a process group of more than one rank: :func:`sync_batch_norm`
     (the first such forward also checks that every rank has the same C); otherwise plain batch norm.
     """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     _channels_checked = False
 
