@@ -10,7 +10,7 @@ chapter's module declares only its cases, its reference and its mistakes.
 
 Defined in: chapters/01_why_normalize.ipynb, chapters/02_bn_transform.ipynb, chapters/03_bn_backward.ipynb,
 chapters/04_train_vs_inference.ipynb, chapters/05_bn_conv.ipynb, chapters/06_bn_pytorch.ipynb,
-chapters/07_mnist.ipynb, chapters/08_small_batches.ipynb, chapters/10_why_bn.ipynb (the "Exercises" section of each).
+chapters/07_mnist.ipynb, chapters/08_small_batches.ipynb, chapters/09_sync_bn.ipynb, chapters/10_why_bn.ipynb (the "Exercises" section of each).
 """
 
 from importlib import import_module
@@ -28,6 +28,8 @@ _WHERE = {
     "check_per_seed_batch_norm": "ch07",
     "check_group_norm": "ch08",
     "check_adapt_bn": "ch08",
+    "check_merge_stats": "ch09",
+    "check_sync_dx": "ch09",
     "check_gradient_change": "ch10",
     "check_effective_beta": "ch10",
 }
