@@ -10,7 +10,8 @@ chapter's module declares only its cases, its reference and its mistakes.
 
 Defined in: chapters/01_why_normalize.ipynb, chapters/02_bn_transform.ipynb, chapters/03_bn_backward.ipynb,
 chapters/04_train_vs_inference.ipynb, chapters/05_bn_conv.ipynb, chapters/06_bn_pytorch.ipynb,
-chapters/07_mnist.ipynb, chapters/08_small_batches.ipynb, chapters/09_sync_bn.ipynb, chapters/10_why_bn.ipynb (the "Exercises" section of each).
+chapters/07_mnist.ipynb, chapters/08_small_batches.ipynb, chapters/09_sync_bn.ipynb, chapters/10_why_bn.ipynb
+(the "Exercises" section of each).
 """
 
 from importlib import import_module
