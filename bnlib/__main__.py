@@ -8,6 +8,7 @@ figure1-grid  Figure 1 over init scale x learning rate (see bnlib.mnist.figure1_
 cnn       the seed CNN with and without BN, several seeds (see bnlib.mnist.cnn_experiments)
 small-batch  no norm, BN, GN, LN and batch renorm at small batch sizes (see bnlib.norms.small_batch_grid)
 lenet     the seeds' LeNet with and without BN on full MNIST (see bnlib.mnist.lenet_experiment)
+why       chapter 10's measurements: depth, lr, reg or smooth (see bnlib.why.run_part)
 """
 
 from __future__ import annotations
@@ -126,6 +127,15 @@ def _small_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _why(args: argparse.Namespace) -> int:
+    from bnlib.why import run_and_save
+
+    for part in args.part:
+        path = run_and_save(part, out=args.out if len(args.part) == 1 else None, progress=not args.quiet)
+        print(f"results written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnlib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/small_batch.json")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     p.set_defaults(func=_small_batch)
+    p = sub.add_parser("why", help="chapter 10: depth, learning rates, regularisation, ICS vs smoothness")
+    p.add_argument("--part", nargs="+", required=True, choices=["depth", "lr", "reg", "smooth"])
+    p.add_argument("--out", default=None, help="default results/why_PART.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_why)
     args = parser.parse_args(argv)
     return args.func(args)
 
