@@ -29,7 +29,7 @@ from bnlib.torch_bn import BatchNorm1d
 
 __all__ = ["DeepMLP", "NoisyBN", "mnist_subset", "train", "evaluate", "seed_losses", "init_diagnostics",
            "PARTS", "run_part", "run_and_save", "depth_experiment", "lr_experiment", "reg_experiment", "smooth_experiment",
-           "summarize"]
+           "summarize", "pm", "markdown_table", "distribution_shift"]
 
 ACTS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "linear": lambda x: x}
 NORMS = ("none", "bn", "l1", "l2", "linf")
@@ -650,6 +650,38 @@ def summarize(values) -> tuple[float, float]:
     """
     m, s = _ms(values)
     return m, s
+
+
+def pm(values, digits: int = 3) -> str:
+    """``"mean ± std"`` over seeds, for tables (``"diverged"`` if a value is not finite).
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
+    m, s = _ms(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if math.isfinite(m) else "diverged"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A MyST/Markdown pipe table.
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def distribution_shift(run: dict) -> list[float]:
+    """Per seed, the mean over measurements and layers of |Δ mean| + |Δ std| of the layer inputs on the probe images
+    between consecutive measurements (from a :func:`smooth_experiment` run): the moment-based internal covariate
+    shift that chapter 1 watched.
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
+    mean = torch.tensor(run["layer_mean"], dtype=torch.float64)  # (T, L, S)
+    std = torch.tensor(run["layer_std"], dtype=torch.float64)
+    d = (mean[1:] - mean[:-1]).abs() + (std[1:] - std[:-1]).abs()
+    return d.mean((0, 1)).tolist()
 
 
 
