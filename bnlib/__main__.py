@@ -7,6 +7,7 @@ figure1   the paper's Figure 1: sigmoid MLP with and without BN (see bnlib.mnist
 figure1-grid  Figure 1 over init scale x learning rate (see bnlib.mnist.figure1_grid)
 cnn       the seed CNN with and without BN, several seeds (see bnlib.mnist.cnn_experiments)
 small-batch  no norm, BN, GN, LN and batch renorm at small batch sizes (see bnlib.norms.small_batch_grid)
+small-batch-transfer  BN when fine-tuning and AdaBN (see bnlib.norms.transfer_experiments)
 lenet     the seeds' LeNet with and without BN on full MNIST (see bnlib.mnist.lenet_experiment)
 why       chapter 10's measurements: depth, lr, reg or smooth (see bnlib.why.run_part)
 """
@@ -136,6 +137,19 @@ def _why(args: argparse.Namespace) -> int:
     return 0
 
 
+def _small_batch_transfer(args: argparse.Namespace) -> int:
+    import time
+
+    from bnlib.norms import transfer_experiments
+    from bnlib.results import save_results
+
+    t0 = time.perf_counter()
+    res = transfer_experiments(tuple(args.seeds), progress=not args.quiet)
+    save_results(args.out, res, seconds=time.perf_counter() - t0, threads=1)
+    print(f"results written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bnlib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="default results/why_PART.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_why)
+    p = sub.add_parser("small-batch-transfer", help="BN when fine-tuning (frozen vs updating) and AdaBN on shifted digits")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="results/small_batch_transfer.json")
+    p.add_argument("--quiet", action="store_true", help="no per-seed lines")
+    p.set_defaults(func=_small_batch_transfer)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -80,6 +80,12 @@ __all__ = [
     "small_batch_data",
     "small_batch_run",
     "small_batch_grid",
+    "freeze_bn",
+    "adapt_bn",
+    "finetune_run",
+    "shift_images",
+    "adabn_run",
+    "transfer_experiments",
 ]
 
 # ==========================================================================================================
@@ -833,3 +839,164 @@ def small_batch_grid(cfg=None, data=None, progress=True):
                           f"({r['seconds']:.1f} s)", flush=True)
     return {"config": cfg.as_dict(), "runs": runs}
 
+
+
+# ==========================================================================================================
+# Fine-tuning and shifted test data: frozen statistics and AdaBN
+# ==========================================================================================================
+
+def _bn_modules(model):
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def freeze_bn(model):
+    """Put every batch-norm layer of ``model`` (BatchNorm*d and its subclasses) in eval mode, in place.
+
+    Defined in: chapters/08_small_batches.ipynb
+
+    Its running statistics stop changing and normalise the activations (weight and bias still train, unless
+    their requires_grad is False). ``model.train()`` undoes this: call freeze_bn after every model.train().
+    Returns model.
+    """
+    for bn in _bn_modules(model):
+        bn.eval()
+    return model
+
+
+@torch.no_grad()
+def adapt_bn(model, x, batch_size: int = 64):
+    """AdaBN (Li et al. 2016): re-estimate every batch-norm layer's running statistics on data ``x``, in place.
+
+    Defined in: chapters/08_small_batches.ipynb
+
+    The statistics are reset and replaced by the average over the batches of ``x`` (in order, ``batch_size``
+    each) of the batch mean and unbiased variance (momentum None: a cumulative average); only the BN layers run
+    in training mode (dropout stays off); no weight changes. The layers' momentum is restored and the model is
+    left in eval mode. Returns model.
+    """
+    model.eval()
+    bns = _bn_modules(model)
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    for i in range(0, x.shape[0], batch_size):
+        model(x[i: i + batch_size])
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    return model.eval()
+
+
+def _train(model, x, y, batch_size, examples, lr, seed, momentum=0.9, after_train=None):
+    """SGD + momentum on (x, y) for ``examples`` examples in batches of ``batch_size``; after_train(model) is
+    called after model.train() (e.g. freeze_bn)."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    model.train()
+    if after_train is not None:
+        after_train(model)
+    for idx in batch_indices(x.shape[0], batch_size, seed, examples // batch_size):
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def finetune_run(seed, data, batch_size: int = 4, source_examples: int = 6_000, target_examples: int = 2_000,
+                 lr: float = 0.01):
+    """Train a BN :class:`SmallCNN` on digits 0-4 (batches of 64), then fine-tune two copies of it on digits 5-9
+    with small batches and a fresh classifier head: one with its BN layers updating (training mode), one with
+    them frozen (:func:`freeze_bn`).
+
+    Defined in: chapters/08_small_batches.ipynb
+
+    data: (x_train, y_train, x_test, y_test) as from :func:`small_batch_data`. Fine-tuning sees only the
+    first 500 training images of digits 5-9 (a small target set), ``target_examples`` examples in all. Returns
+    ``{"source_accuracy"}`` (digits 0-4 after pre-training), ``"updating"`` and ``"frozen"`` (digits 5-9 after
+    fine-tuning), test accuracies in eval mode.
+    """
+    import copy
+
+    x, y, xt, yt = data
+    src, tgt = y < 5, y >= 5
+    torch.manual_seed(seed)
+    model = SmallCNN("bn")
+    _train(model, x[src], y[src], 64, source_examples, 0.05, seed)
+    out = {"source_accuracy": evaluate(model, xt[yt < 5], yt[yt < 5])[1]}
+    xs, ys = x[tgt][:500], y[tgt][:500]
+    for name, after in (("updating", None), ("frozen", freeze_bn)):
+        tuned = copy.deepcopy(model)
+        torch.manual_seed(seed + 1000)
+        tuned.fc.reset_parameters()  # a fresh classifier head, as in transfer learning
+        _train(tuned, xs, ys, batch_size, target_examples, lr, seed + 1000, after_train=after)
+        out[name] = evaluate(tuned, xt[yt >= 5], yt[yt >= 5])[1]
+    return out
+
+
+def shift_images(x, kind: str):
+    """A shifted test domain for standardised MNIST images x (N, 1, 28, 28).
+
+    Defined in: chapters/08_small_batches.ipynb
+
+    ``"contrast"``: half the contrast on a brighter background, pixel p -> 0.5 p + 0.4 (in [0, 1] units), an
+    affine map of every input value; ``"rotate"``: every digit rotated by 30 degrees (bilinear, zero padding in
+    pixel units).
+    """
+    from bnlib.data import MNIST_MEAN, MNIST_STD
+
+    p = x * MNIST_STD + MNIST_MEAN                      # back to [0, 1] pixels
+    if kind == "contrast":
+        p = 0.5 * p + 0.4
+    elif kind == "rotate":
+        a = math.radians(30.0)
+        theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
+        grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+        p = F.grid_sample(p, grid, align_corners=False, padding_mode="zeros")
+    else:
+        raise ValueError(f"unknown shift {kind!r}: use 'contrast' or 'rotate'")
+    return (p - MNIST_MEAN) / MNIST_STD
+
+
+def adabn_run(seed, data, shifts=("contrast", "rotate"), examples: int = 6_000, batch_size: int = 64):
+    """Train a BN :class:`SmallCNN` on MNIST; test it on clean digits and on each shifted test set
+    (:func:`shift_images`), with the training statistics and after :func:`adapt_bn` on the shifted images.
+
+    Defined in: chapters/08_small_batches.ipynb
+
+    Returns ``{"clean": acc, shift: {"source_stats": acc, "adapted": acc}}`` (eval mode).
+    """
+    import copy
+
+    x, y, xt, yt = data
+    torch.manual_seed(seed)
+    model = SmallCNN("bn")
+    _train(model, x, y, batch_size, examples, 0.05, seed)
+    out = {"clean": evaluate(model, xt, yt)[1]}
+    for kind in shifts:
+        xs = shift_images(xt, kind)
+        out[kind] = {"source_stats": evaluate(model, xs, yt)[1],
+                     "adapted": evaluate(adapt_bn(copy.deepcopy(model), xs, batch_size), xs, yt)[1]}
+    return out
+
+
+def transfer_experiments(seeds=(0, 1, 2), progress: bool = True) -> dict:
+    """:func:`finetune_run` and :func:`adabn_run` for every seed, on :func:`small_batch_data`'s subsets.
+
+    Defined in: chapters/08_small_batches.ipynb
+
+    Returns the JSON-ready ``{"config": {...}, "finetune": [per seed], "adabn": [per seed]}``.
+    """
+    torch.set_num_threads(1)
+    data = small_batch_data()
+    out = {"config": {"seeds": list(seeds), "finetune": {"batch_size": 4, "source_examples": 6_000,
+                                                          "target_examples": 2_000, "target_images": 500,
+                                                          "lr": 0.01},
+                      "adabn": {"examples": 6_000, "batch_size": 64, "shifts": ["contrast", "rotate"]}},
+           "finetune": [], "adabn": []}
+    for seed in seeds:
+        out["finetune"].append(finetune_run(seed, data))
+        out["adabn"].append(adabn_run(seed, data))
+        if progress:
+            print(f"seed {seed}: fine-tune {out['finetune'][-1]}, AdaBN {out['adabn'][-1]}", flush=True)
+    return out
