@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from bnlib.torch_bn import _batch_stats, _channel_dims, _channel_shape, _check_inputs, _in_float32_if_half, batch_norm
+from bnlib.torch_bn import _channel_dims, _channel_shape, _check_inputs, _in_float32_if_half, batch_norm
 
 __all__ = [
     "SyncBatchNorm",
@@ -104,17 +104,22 @@ def local_stats(x: Tensor) -> tuple[int, Tensor, Tensor]:
 
     Defined in: chapters/09_sync_bn.ipynb
 
-    Two passes over x (:func:`bnlib.torch_bn._batch_stats`), in x's dtype (float32 for half inputs).  A rank
-    with no values returns m = 0 and zeros, which the merge weighs by 0.
+    Two passes over x, in x's dtype (float32 for half inputs): mu0 = mean(x), then the deviations d = x - mu0
+    give M2 = sum(d^2) - m * mean(d)^2 (no cancellation: mean(d) is tiny) and the mean mu0 + mean(d), returned
+    in float64 so that it keeps the digits float32 would round away (they matter to the merge when |mean| is
+    large).  M2 is in x's dtype.  A rank with no values returns m = 0 and zeros, which the merge weighs by 0.
     """
     x = _in_float32_if_half(x)
     C = x.shape[1]
     m = x.numel() // C if C else 0
     if m == 0:
-        zeros = x.new_zeros(C)
-        return 0, zeros, zeros.clone()
-    mu, var = _batch_stats(x, _channel_dims(x))
-    return m, mu.view(-1), var.view(-1) * m
+        return 0, x.new_zeros(C, dtype=torch.float64), x.new_zeros(C)
+    dims = _channel_dims(x)
+    mu0 = x.mean(dims, keepdim=True)
+    d = x - mu0
+    d_mean = d.mean(dims)
+    m2 = d.square().sum(dims) - m * d_mean.square()
+    return m, mu0.view(-1).double() + d_mean.double(), m2
 
 
 def merge_stats(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
