@@ -15,6 +15,7 @@ mnist       ch07  the MNIST experiments: minibatch indices, Figure 1, the CNN ru
 norms       ch08  layer, instance and group norm (NumPy and torch), batch renorm, ghost BN, the small-batch runs.
 diagnostics ch10  layer health (activations, gradients, update ratios), ICS as gradient change, loss-landscape smoothness.
 why         ch10  deep batched MLPs (plain/residual, BN/noisy BN/lp) and the why-BN-works experiments (python -m bnlib why).
+sync_bn     ch09  SyncBatchNorm on torch.distributed (CPU/gloo too); ddp: process groups on one machine, DDP runs.
 results     ch07  committed results of long runs (results/*.json) with their provenance.
 exercises   ch01-07  one checker module per chapter on one harness (exercises/harness.py).
 __main__    ch07  command line: python -m bnlib data | figure1 | cnn.
