@@ -6,10 +6,10 @@ One function with a choice of axes
 ----------------------------------
 Every normalisation here standardises groups of values with the biased mean and variance of the group and
 then applies a learned affine map; they differ only in *which* values form a group. For x of shape
-(N, C, *S), with G groups of C/G channels:
+``(N, C, *S)``, with G groups of C/G channels::
 
     batch norm     per channel c          over (N, *S)         statistics shared by the batch
-    layer norm     per example n          over (C, *S)         (torch: over the last dims in normalized_shape)
+    layer norm     per example n          over ``(C, *S)``         (torch: over the last dims in normalized_shape)
     instance norm  per (n, c)             over (*S)
     group norm     per (n, group)         over (C/G, *S)       G = 1: layer norm; G = C: instance norm
 
@@ -137,7 +137,7 @@ def _affine(x_hat, weight, bias, affine_shape):
 
 
 def _channel_affine(x):
-    """(affine_shape, affine_axes) of a per-channel (C,) weight for x of shape (N, C, *S)."""
+    """(affine_shape, affine_axes) of a per-channel (C,) weight for x of shape ``(N, C, *S)``."""
     return (1, x.shape[1]) + (1,) * (x.ndim - 2), (0,) + tuple(range(2, x.ndim))
 
 
@@ -157,7 +157,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
     Defined in: chapters/08_small_batches.ipynb
 
-    x: (*, *normalized_shape); weight, bias: normalized_shape or None. Each of the prod(*) rows is standardised
+    x: ``(*, *normalized_shape)``; weight, bias: normalized_shape or None. Each of the ``prod(*)`` rows is standardised
     over its prod(normalized_shape) values (biased variance, eps inside the root), then
     y = weight * x_hat + bias elementwise. Returns (y of x's shape and dtype, NormCache).
     Raises torch's RuntimeError for a shape that does not end in normalized_shape or a weight of another shape.
@@ -189,7 +189,7 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5):
 
     Defined in: chapters/08_small_batches.ipynb
 
-    x: (N, C, *S) with C divisible by G = num_groups; weight, bias: (C,) or None. Each example's channels are
+    x: ``(N, C, *S)`` with C divisible by G = num_groups; weight, bias: (C,) or None. Each example's channels are
     split into G consecutive groups of C/G; each (example, group) is standardised over its C/G * prod(S)
     values, then y = weight[c] * x_hat + bias[c] per channel. Returns (y of x's shape and dtype, NormCache).
     Raises torch's errors for fewer than 2 dimensions, C not divisible by G, and weight/bias of the wrong size.
@@ -222,12 +222,14 @@ def instance_norm_forward(x, running_mean=None, running_var=None, weight=None, b
 
     Defined in: chapters/08_small_batches.ipynb
 
-    x: (N, C, *S); running_mean, running_var, weight, bias: (C,) or None.
+    x: ``(N, C, *S)``; running_mean, running_var, weight, bias: (C,) or None.
     use_input_stats=True: each (n, c) is standardised over its prod(S) values; if the running buffers are
-    given they are updated in place with the mean over the N examples of the per-instance statistics,
+    given they are updated in place with the mean over the N examples of the per-instance statistics::
+
         running_mean <- (1 - momentum) * running_mean + momentum * mean_n(mu[n, c])
         running_var  <- (1 - momentum) * running_var  + momentum * mean_n(var[n, c] * M / (M - 1))
-    with M = prod(S) (what torch does: batch norm on the (1, N*C, *S) view with the buffers repeated N times).
+
+    with M = prod(S) (what torch does: batch norm on the ``(1, N*C, *S)`` view with the buffers repeated N times).
     use_input_stats=False: normalise with the running buffers. Returns (y of x's shape and dtype, NormCache).
     """
     x = _as_float(x)
@@ -328,7 +330,7 @@ class LayerNorm(_NumpyNorm):
         self.dweight = self.dbias = None
 
     def forward(self, x):
-        """y of x's shape, x: (*, *normalized_shape)."""
+        """y of x's shape, x: ``(*, *normalized_shape)``."""
         y, self._cache = layer_norm_forward(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return y
 
@@ -351,14 +353,14 @@ class GroupNorm(_NumpyNorm):
         self.dweight = self.dbias = None
 
     def forward(self, x):
-        """y of x's shape, x: (N, C, *S)."""
+        """y of x's shape, x: ``(N, C, *S)``."""
         y, self._cache = group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps)
         return y
 
 
 class _InstanceNorm(_NumpyNorm):
     """``torch.nn.InstanceNorm{1,2}d`` in NumPy (the defaults differ from batch norm's: affine=False,
-    track_running_stats=False). Unbatched input (C, *S) is accepted, as in torch."""
+    track_running_stats=False). Unbatched input ``(C, *S)`` is accepted, as in torch."""
 
     spatial_dims = 1
 
@@ -373,7 +375,7 @@ class _InstanceNorm(_NumpyNorm):
         self.dweight = self.dbias = None
 
     def forward(self, x):
-        """y of x's shape, x: (N, C, *S) or unbatched (C, *S)."""
+        """y of x's shape, x: ``(N, C, *S)`` or unbatched ``(C, *S)``."""
         x = _as_float(x)
         d = self.spatial_dims
         if x.ndim not in (d + 1, d + 2):
@@ -476,7 +478,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5):
     """Drop-in for ``torch.nn.functional.instance_norm``: :func:`bnlib.torch_bn.batch_norm` on the
-    (1, N*C, *S) view with the buffers and parameters repeated N times, then the buffers averaged back over
+    ``(1, N*C, *S)`` view with the buffers and parameters repeated N times, then the buffers averaged back over
     the N examples (what ATen does).
 
     Defined in: chapters/08_small_batches.ipynb
@@ -612,7 +614,7 @@ class _GhostBatchNorm:
     """Ghost batch norm (Hoffer, Hubara and Soudry 2017): batch statistics over virtual sub-batches.
 
     Training: the batch of N is split into G = N / ghost_batch_size consecutive ghost batches; each is
-    normalised with its own statistics (one batch norm on the (B, G*C, *S) view, weight and bias shared);
+    normalised with its own statistics (one batch norm on the ``(B, G*C, *S)`` view, weight and bias shared);
     the running statistics are updated once per step with the mean over the G ghost batches of their mean
     and unbiased variance. G = 1 is batch norm. Eval: batch norm with the running statistics.
     """
