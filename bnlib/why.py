@@ -6,7 +6,7 @@
   sigmoid, tanh or linear units; dropout.
 * :class:`NoisyBN`: the noise of noisy BN, chapter 1's schedule (:class:`bnlib.motivation.BNNoise`) per seed.
 * :func:`train`: minibatch SGD of every seed on its own batches, with a callback for measurements.
-* The experiments behind ``python -m bnlib why --part depth|lr|reg|smooth`` (:func:`run_part`), whose results
+* The experiments behind ``python -m bnlib why --part depth|lr|wd|reg|smooth`` (:func:`run_part`), whose results
   are committed under ``results/why_*.json``.
 
 Defined in: chapters/10_why_bn.ipynb
@@ -28,7 +28,7 @@ from bnlib.mnist import batch_indices, progress_bar
 from bnlib.torch_bn import BatchNorm1d
 
 __all__ = ["DeepMLP", "NoisyBN", "mnist_subset", "train", "evaluate", "seed_losses", "init_diagnostics",
-           "PARTS", "run_part", "run_and_save", "depth_experiment", "lr_experiment", "reg_experiment", "smooth_experiment",
+           "PARTS", "run_part", "run_and_save", "depth_experiment", "lr_experiment", "wd_experiment", "reg_experiment", "smooth_experiment",
            "summarize", "pm", "markdown_table", "distribution_shift"]
 
 ACTS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "linear": lambda x: x}
@@ -383,10 +383,24 @@ class LRConfig:
     batch_size: int = 64
     lrs: tuple = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     init_scales: tuple = (0.25, 1.0, 4.0)
-    wd_lr: float = 0.1                # the weight-decay runs: plain SGD at this rate
-    wds: tuple = (0.0, 0.01)
-    wd_steps: int = 1500
-    wd_record_every: int = 100
+    threads: int = 1
+
+
+@dataclass
+class WDConfig:
+    """Part 2b: BN networks with and without weight decay from several init scales; the effective rate lr / ‖W‖²."""
+
+    seeds: tuple = (0, 1, 2)
+    depth: int = 8
+    width: int = 64
+    n_train: int = 10_000
+    n_test: int = 2_000
+    batch_size: int = 64
+    lr: float = 0.1                  # plain SGD
+    init_scales: tuple = (0.25, 1.0, 4.0)
+    wds: tuple = (0.0, 0.05)         # 2·lr·wd = 0.01: the initial scale is forgotten over ~100 steps
+    steps: int = 1_500
+    record_every: int = 50
     threads: int = 1
 
 
@@ -396,14 +410,13 @@ def _stable(losses: torch.Tensor, diverged: list) -> bool:
 
 
 def lr_experiment(cfg: LRConfig | None = None, progress: bool = False) -> dict:
-    """The lr × init-scale grid (plain SGD) with and without BN, hidden-weight norms before and after; then BN
-    networks with and without weight decay from each init scale, the effective rate lr / ‖W‖² recorded.
+    """The lr × init-scale grid (plain SGD) with and without BN, hidden-weight norms before and after.
 
     Defined in: chapters/10_why_bn.ipynb
     """
     cfg = cfg or LRConfig()
     data = mnist_subset(cfg.n_train, cfg.n_test)
-    out = {"config": _jsonable(asdict(cfg)), "grid": {}, "weight_decay": {}}
+    out = {"config": _jsonable(asdict(cfg)), "grid": {}}
     for norm in ("none", "bn"):
         for c in cfg.init_scales:
             for lr in cfg.lrs:
@@ -416,23 +429,35 @@ def lr_experiment(cfg: LRConfig | None = None, progress: bool = False) -> dict:
                     "norm": norm, "init_scale": c, "lr": lr, "train_loss": _tail(r["losses"]),
                     "test_accuracy": ev["accuracy"], "diverged": r["diverged"], "stable": _stable(r["losses"], r["diverged"]),
                     "weight_norm_init": w0, "weight_norm_final": w1}
+    return out
+
+
+def wd_experiment(cfg: WDConfig | None = None, progress: bool = False) -> dict:
+    """BN networks trained by plain SGD with and without weight decay from each init scale, recording every
+    ``record_every`` steps the squared norm of each hidden weight matrix and the effective rate lr / ‖W_k‖².
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
+    cfg = cfg or WDConfig()
+    data = mnist_subset(cfg.n_train, cfg.n_test)
+    out = {"config": _jsonable(asdict(cfg)), "runs": {}}
     for wd in cfg.wds:
         for c in cfg.init_scales:
             m = DeepMLP(cfg.seeds, cfg.depth, cfg.width, norm="bn", init_scale=c)
             rec = {"step": [], "sq_norm": [], "eff_lr": []}
 
             def on_step(step, model, x, y, rec=rec):
-                if step % cfg.wd_record_every == 0 or x is None:
+                if step % cfg.record_every == 0 or x is None:
                     sq = torch.stack([dg.seed_norm([w]) ** 2 for w in model.hidden_weights()])  # (L, S)
                     rec["step"].append(step)
                     rec["sq_norm"].append(sq.mean(0).tolist())
-                    rec["eff_lr"].append((cfg.wd_lr / sq).mean(0).tolist())
+                    rec["eff_lr"].append((cfg.lr / sq).mean(0).tolist())
 
-            r = train(m, data, cfg.wd_steps, cfg.batch_size, cfg.wd_lr, weight_decay=wd, on_step=on_step,
+            r = train(m, data, cfg.steps, cfg.batch_size, cfg.lr, weight_decay=wd, on_step=on_step,
                       progress=progress, desc=f"bn wd={wd} c={c}")
             ev = evaluate(m, data[2], data[3])
-            out["weight_decay"][f"{wd}/{c}"] = {"wd": wd, "init_scale": c, **rec, "train_loss": _tail(r["losses"]),
-                                                "test_accuracy": ev["accuracy"]}
+            out["runs"][f"{wd}/{c}"] = {"wd": wd, "init_scale": c, **rec, "train_loss": _tail(r["losses"]),
+                                        "test_accuracy": ev["accuracy"]}
     return out
 
 
@@ -619,7 +644,7 @@ def smooth_experiment(cfg: SmoothConfig | None = None, progress: bool = False) -
 
 
 # ----------------------------------------------------------------------------------------------- the CLI
-PARTS = {"depth": (DepthConfig, depth_experiment), "lr": (LRConfig, lr_experiment),
+PARTS = {"depth": (DepthConfig, depth_experiment), "lr": (LRConfig, lr_experiment), "wd": (WDConfig, wd_experiment),
          "reg": (RegConfig, reg_experiment), "smooth": (SmoothConfig, smooth_experiment)}
 
 
