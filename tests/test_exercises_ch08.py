@@ -278,6 +278,18 @@ def test_adapt_bn_diagnoses(fn, expected, capsys):
     assert expected in out, out
 
 
+def test_stubs_say_fill_in(capsys):
+    def group_norm(x, num_groups, gamma, beta, eps=1e-5):
+        raise NotImplementedError
+
+    def adapt_bn(model, x, batch_size):
+        raise NotImplementedError
+
+    assert not ch08.check_group_norm(group_norm) and not ch08.check_adapt_bn(adapt_bn)
+    out = capsys.readouterr().out
+    assert "group_norm raises NotImplementedError" in out and "adapt_bn raises NotImplementedError" in out
+
+
 def test_silent_mode(capsys):
     assert ch08.check_group_norm(gn_correct, verbose=False)
     assert ch08.check_adapt_bn(adapt_correct, verbose=False)

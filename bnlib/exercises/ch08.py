@@ -256,6 +256,7 @@ def check_adapt_bn(fn, verbose: bool = True) -> bool:
                             "statistics are for inference)")
         return _stats(model)
 
+    call.__name__ = getattr(fn, "__name__", "adapt_bn")  # for the harness's messages (e.g. an unfilled stub)
     cases = _adabn_cases()
     return run(call, cases, inputs=("model", "x", "batch_size"),
                outputs=("running means", "running variances"), mistakes=_adabn_mistakes, mutable=("model",),
