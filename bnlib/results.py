@@ -47,8 +47,19 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _snapshot() -> dict:
+    return {"commit": _git("rev-parse", "--short", "HEAD") or "unknown",
+            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+
+
+#: The commit when this module was first imported: ``python -m bnlib`` imports it before a run starts, so a run
+#: that takes an hour records the code it started from, not a commit made while it ran.
+_START = _snapshot()
+
+
 def provenance(command: str, seconds: float, threads: int) -> dict:
-    """What made a result: ``command``, git commit (and whether the tree had uncommitted changes), CPU, date, versions.
+    """What made a result: ``command``, git commit at the start of the run (and whether tracked files had
+    uncommitted changes then), CPU, date, versions.
 
     Defined in: chapters/07_mnist.ipynb
     """
@@ -57,8 +68,8 @@ def provenance(command: str, seconds: float, threads: int) -> dict:
 
     return {
         "command": command,
-        "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "commit": _START["commit"],
+        "dirty": _START["dirty"],
         "cpu": _cpu_name(),
         "threads": int(threads),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
