@@ -18,6 +18,7 @@ CHECK_TAG = "nbval-check-output"
 ROUNDING_LEVEL = re.compile(r"(?<![\w.])(?!1e-)\d(\.\d+)?e-(0?[5-9]|[1-9]\d)\b")
 # (2) results of float32 training runs: the trajectory depends on the CPU's kernels; guard them with asserts.
 FLOAT32_TRAINING = ("mnist.figure1(", "run_figure1(", "cnn_experiments(", "train_cnn(", "train_with_recording(",
+                    "figure1_grid(", "lenet_experiment(",
                     "train_mlp(")
 
 
