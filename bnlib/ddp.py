@@ -100,21 +100,22 @@ def parity_inputs(sizes, tail=(), channels: int = 3, seed: int = 0, steps: int =
             "bias": torch.randn(channels, generator=g, dtype=dtype), "sizes": list(sizes)}
 
 
-def sync_bn_outputs(rank: int, world_size: int, inputs: dict, momentum: float = 0.1) -> dict:
+def sync_bn_outputs(rank: int, world_size: int, inputs: dict, momentum: float = 0.1, group=None) -> dict:
     """Run :class:`bnlib.sync_bn.SyncBatchNorm` on this rank's rows of every step of ``inputs`` (training mode).
 
     Defined in: chapters/09_sync_bn.ipynb
 
     Each step: y = bn(x_r), backward of sum(y * dy_r).  Returns this rank's ``{"y": [...], "dx": [...],
     "dgamma": [...], "dbeta": [...]}`` per step and the buffers after the last step (``running_mean``,
-    ``running_var``, ``num_batches_tracked``).  dgamma, dbeta are this rank's local sums.
+    ``running_var``, ``num_batches_tracked``).  dgamma, dbeta are this rank's local sums.  ``group``: the
+    process group to synchronise over (None: the world), of which ``rank`` is then the rank within it.
     """
     from bnlib.sync_bn import SyncBatchNorm
 
     sizes = inputs["sizes"]
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     C = inputs["weight"].shape[0]
-    bn = SyncBatchNorm(C, momentum=momentum).to(inputs["weight"].dtype)
+    bn = SyncBatchNorm(C, momentum=momentum, process_group=group).to(inputs["weight"].dtype)
     with torch.no_grad():
         bn.weight.copy_(inputs["weight"])
         bn.bias.copy_(inputs["bias"])

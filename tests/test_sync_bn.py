@@ -1,8 +1,9 @@
 """bnlib.sync_bn: SyncBatchNorm in real gloo process groups (2 and 3 processes) equals one-process batch norm.
 
 Expected values come from torch's own ``F.batch_norm`` (and autograd through it) on the concatenated batch, in
-float64, in this process.  Each multi-process test starts one group and runs all its cases in it (a spawn costs
-a few seconds; the cases take milliseconds).  Worker functions are module-level: spawn pickles them by name.
+float64, in this process.  One group of 3 processes, started once for the module, runs every multi-process case
+(a spawn costs seconds, more on a busy machine; the cases take milliseconds): the 3-rank cases on the world, the
+2-rank ones on the subgroup of ranks 0 and 1.  Worker functions are module-level: spawn pickles them by name.
 """
 
 import datetime
@@ -41,26 +42,33 @@ def _reference(inputs, momentum=0.1):
     return out
 
 
-def _parity_worker(rank, world_size, cases):
-    return [sync_bn_outputs(rank, world_size, parity_inputs(sizes, tail, seed=k)) for k, (sizes, tail) in
-            enumerate(cases)]
+def _parity_worker(rank, world_size, cases, group=None):
+    return [sync_bn_outputs(rank, world_size, parity_inputs(sizes, tail, seed=k), group=group)
+            for k, (sizes, tail) in enumerate(cases)]
 
 
-def _two_rank_worker(rank, world_size):
-    """Everything the 2-process tests check, in one group (one spawn): parity, derivatives, then errors."""
-    return {"parity": _parity_worker(rank, world_size, CASES_2), "grad": _grad_worker(rank, world_size),
-            "errors": _error_worker(rank, world_size)}
+def _worker(rank, world_size):
+    """Everything, in one group of 3 processes (a spawn costs seconds, tens of seconds on a busy machine):
+    the 3-rank parity cases on the world, then the 2-rank checks on the subgroup of ranks 0 and 1."""
+    pair = dist.new_group([0, 1])  # every rank calls new_group for every group
+    first = dist.new_group([0])
+    out = {"parity3": _parity_worker(rank, world_size, CASES_3)}
+    if rank < 2:
+        out["parity2"] = _parity_worker(rank, 2, CASES_2, pair)
+        out["grad"] = _grad_worker(rank, 2, pair, first)
+        out["errors"] = _error_worker(rank, 2, pair)
+    dist.barrier()
+    return out
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    """The results of :func:`_two_rank_worker` on ranks 0 and 1 (a spawn costs seconds: one for the module)."""
-    return launch(_two_rank_worker, 2, timeout=60)
+def group_results():
+    """The results of :func:`_worker` on ranks 0, 1 and 2 (one spawn for the whole module)."""
+    return launch(_worker, 3, timeout=120)
 
 
-def _grad_worker(rank, world_size):
-    """gradcheck in a one-rank subgroup (rank 0), then a directional-derivative check across all ranks."""
-    sub = dist.new_group([0])  # every rank must call new_group
+def _grad_worker(rank, world_size, group, sub):
+    """gradcheck in the one-rank subgroup ``sub`` (rank 0), then a directional-derivative check across ``group``."""
     out = {}
     g = torch.Generator().manual_seed(5)
     if rank == 0:
@@ -80,15 +88,15 @@ def _grad_worker(rank, world_size):
 
     def f(h):
         with torch.no_grad():
-            return SyncBatchNormFunction.apply(x + h * vx, w + h * vw, b + h * vb, 1e-5, None)[0]
+            return SyncBatchNormFunction.apply(x + h * vx, w + h * vw, b + h * vb, 1e-5, group)[0]
 
     h = 1e-5
     numeric = torch.tensor([(u * (f(h) - f(-h))).sum() / (2 * h)])
     xg, wg, bg = (t.clone().requires_grad_(True) for t in (x, w, b))
-    y = SyncBatchNormFunction.apply(xg, wg, bg, 1e-5, None)[0]
+    y = SyncBatchNormFunction.apply(xg, wg, bg, 1e-5, group)[0]
     (y * u).sum().backward()
     analytic = torch.tensor([(xg.grad * vx).sum() + (wg.grad * vw).sum() + (bg.grad * vb).sum()])
-    dist.all_reduce(numeric), dist.all_reduce(analytic)
+    dist.all_reduce(numeric, group=group), dist.all_reduce(analytic, group=group)
     out["directional"] = (float(numeric), float(analytic))
     return out
 
@@ -111,21 +119,24 @@ def _check_parity(cases, results):
             for key in ("running_mean", "running_var"):
                 assert torch.allclose(r[key], ref[key], rtol=0, atol=TOL), (sizes, tail, key)
             assert r["num_batches_tracked"] == len(inputs["x"])
+            # every rank merges the same packets in the same order: the same bits
+            assert torch.equal(r["running_mean"], ranks[0]["running_mean"])
+            assert torch.equal(r["running_var"], ranks[0]["running_var"])
     return worst
 
 
-def test_two_processes_equal_one_batch(two_ranks):
-    results = [r["parity"] for r in two_ranks]
+def test_two_processes_equal_one_batch(group_results):
+    results = [r["parity2"] for r in group_results[:2]]
     assert 0 < _check_parity(CASES_2, results) < TOL
 
 
-def test_three_processes_equal_one_batch():
-    results = launch(_parity_worker, 3, CASES_3)
+def test_three_processes_equal_one_batch(group_results):
+    results = [r["parity3"] for r in group_results]
     assert 0 < _check_parity(CASES_3, results) < TOL
 
 
-def test_gradcheck_and_directional_derivative_across_ranks(two_ranks):
-    results = [r["grad"] for r in two_ranks]
+def test_gradcheck_and_directional_derivative_across_ranks(group_results):
+    results = [r["grad"] for r in group_results[:2]]
     assert results[0]["gradcheck"] is True
     numeric, analytic = results[0]["directional"]
     assert results[1]["directional"] == (numeric, analytic)  # all-reduced: the same on every rank
@@ -134,8 +145,9 @@ def test_gradcheck_and_directional_derivative_across_ranks(two_ranks):
     assert abs(analytic) > 1e-2
 
 
-def _error_worker(rank, world_size):
-    """Ranks that disagree: each scenario's error, as (type name, message), on every rank."""
+def _error_worker(rank, world_size, group):
+    """Ranks that disagree (in ``group``): each scenario's error, as (type name, message), on every rank; then,
+    with the group's timeout set to 1 s, a rank that skips a collective (this leaves the group unusable)."""
     out = {}
 
     def attempt(name, fn):
@@ -147,19 +159,19 @@ def _error_worker(rank, world_size):
 
     g = torch.Generator().manual_seed(rank)
     # C differs: rank 0 has 3 channels, rank 1 has 4
-    attempt("channels", lambda: SyncBatchNorm(3 + rank)(torch.randn(4, 3 + rank, generator=g)))
+    attempt("channels", lambda: SyncBatchNorm(3 + rank, process_group=group)(torch.randn(4, 3 + rank, generator=g)))
     # dtype differs: float64 on rank 0, float32 on rank 1
     dtype = torch.float64 if rank == 0 else torch.float32
-    attempt("dtype", lambda: SyncBatchNorm(3).to(dtype)(torch.randn(4, 3, generator=g).to(dtype)))
+    attempt("dtype", lambda: SyncBatchNorm(3, process_group=group).to(dtype)(torch.randn(4, 3, generator=g).to(dtype)))
     # one value per channel over all ranks: rank 0 has one example, rank 1 none
-    attempt("one_value", lambda: SyncBatchNorm(3)(torch.randn(1 - rank, 3, generator=g)))
+    attempt("one_value", lambda: SyncBatchNorm(3, process_group=group)(torch.randn(1 - rank, 3, generator=g)))
     # the group still works after these errors
     t = torch.ones(1)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     out["after"] = float(t)
     # a rank that does not take part (eval mode on rank 1): rank 0 times out instead of hanging
-    short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=1))
-    bn = SyncBatchNorm(3, process_group=short).train(rank == 0)
+    dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=1), group)  # torch's own setter
+    bn = SyncBatchNorm(3, process_group=group).train(rank == 0)
     t0 = time.perf_counter()
     if rank == 0:
         attempt("skipped", lambda: bn(torch.randn(4, 3, generator=g)))
@@ -170,8 +182,8 @@ def _error_worker(rank, world_size):
     return out
 
 
-def test_disagreeing_ranks_raise_instead_of_hanging(two_ranks):
-    results = [r["errors"] for r in two_ranks]
+def test_disagreeing_ranks_raise_instead_of_hanging(group_results):
+    results = [r["errors"] for r in group_results[:2]]
     for r, res in enumerate(results):
         kind, msg = res["channels"]
         assert kind == "RuntimeError" and "disagree on the number of channels" in msg
