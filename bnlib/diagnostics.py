@@ -149,8 +149,9 @@ def ics_gradient_change(loss_fn: Callable[[], torch.Tensor], layers: Sequence[Se
 
     ``layers``: the parameters of each layer in forward order (a list of lists); ``loss_fn()``: the per-seed
     losses (shape (S,), or a scalar for ``batched=False``) on a *fixed* batch (with fixed noise, if any).
-    For layer i, G_i = ∇_{W_i} L(W_1, …, W_k) and G′_i = ∇_{W_i} L(W_1 − lr·G_1, …, W_{i−1} − lr·G_{i−1}, W_i, …,
-    W_k), every gradient taken on the same batch. The parameters are restored afterwards.
+    For layer i, G_i = ∇_{W_i} L(W_1, …, W_k) and
+    G′_i = ∇_{W_i} L(W_1 − lr·G_1, …, W_{i−1} − lr·G_{i−1}, W_i, …, W_k), every gradient taken on the same batch.
+    The parameters are restored afterwards.
 
     Returns ``(l2, cos)``, each of shape (k, S): ‖G_i − G′_i‖ and cos(G_i, G′_i) (float64; layer 0 has nothing
     below it: 0 and 1).
@@ -191,11 +192,11 @@ def landscape_along_gradient(loss_fn: Callable[[], torch.Tensor], params: Sequen
     """The loss and its gradient along the gradient direction, as in Santurkar et al.'s Figure 4.
 
     With g = ∇L(w) at the current parameters, for each step η in ``etas``: the loss L(w − η g) and
-    ‖∇L(w) − ∇L(w − η g)‖ (all parameters in ``params`` move; the batch is whatever ``loss_fn`` uses, fixed).
+    ‖∇L(w) − ∇L(w − η g)‖ (all parameters in ``params`` move; the batch is the one ``loss_fn`` uses).
     Parameters are restored afterwards.
 
     Returns float64 tensors: ``loss`` (E, S), ``grad_change`` (E, S), ``loss_range`` (S,): max − min of L over
-    the steps (and the starting point), ``beta``: the effective β-smoothness max_η ‖g − g_η‖ / (η ‖g‖), (S,),
+    the steps (and the starting point), ``beta`` (S,): the effective β-smoothness max_η ‖g − g_η‖ / (η ‖g‖),
     ``grad_norm`` (S,).
 
     Defined in: chapters/10_why_bn.ipynb

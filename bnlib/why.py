@@ -28,8 +28,8 @@ from bnlib.mnist import batch_indices, progress_bar
 from bnlib.torch_bn import BatchNorm1d
 
 __all__ = ["DeepMLP", "NoisyBN", "mnist_subset", "train", "evaluate", "seed_losses", "init_diagnostics",
-           "PARTS", "run_part", "run_and_save", "depth_experiment", "lr_experiment", "wd_experiment", "reg_experiment", "smooth_experiment",
-           "summarize", "pm", "markdown_table", "distribution_shift"]
+           "PARTS", "run_part", "run_and_save", "depth_experiment", "lr_experiment", "wd_experiment",
+           "reg_experiment", "smooth_experiment", "summarize", "pm", "markdown_table", "distribution_shift"]
 
 ACTS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "linear": lambda x: x}
 NORMS = ("none", "bn", "l1", "l2", "linf")
@@ -104,7 +104,8 @@ class DeepMLP(nn.Module):
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         self.seeds, self.S, self.depth, self.width = tuple(int(s) for s in seeds), len(seeds), depth, width
-        self.act, self.norm, self.residual, self.dropout, self.ghost, self.noise = act, norm, residual, dropout, ghost, noise
+        self.act, self.norm, self.residual = act, norm, residual
+        self.dropout, self.ghost, self.noise = dropout, ghost, noise
         self.eps = eps
         sizes = [in_dim] + [width] * depth + [out_dim]
         gain2 = 2.0 if act == "relu" else 1.0
@@ -388,7 +389,7 @@ class LRConfig:
 
 @dataclass
 class WDConfig:
-    """Part 2b: BN networks with and without weight decay from several init scales; the effective rate lr / ‖W‖²."""
+    """Part 2b: BN networks with and without weight decay from several init scales; effective rate lr / ‖W‖²."""
 
     seeds: tuple = (0, 1, 2)
     depth: int = 8
@@ -427,7 +428,8 @@ def lr_experiment(cfg: LRConfig | None = None, progress: bool = False) -> dict:
                 ev = evaluate(m, data[2], data[3])
                 out["grid"][f"{norm}/{c}/{lr}"] = {
                     "norm": norm, "init_scale": c, "lr": lr, "train_loss": _tail(r["losses"]),
-                    "test_accuracy": ev["accuracy"], "diverged": r["diverged"], "stable": _stable(r["losses"], r["diverged"]),
+                    "test_accuracy": ev["accuracy"], "diverged": r["diverged"],
+                    "stable": _stable(r["losses"], r["diverged"]),
                     "weight_norm_init": w0, "weight_norm_final": w1}
     return out
 
