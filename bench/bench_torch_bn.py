@@ -58,6 +58,34 @@ def saved_bytes_of(fn) -> int:
     return sum(seen.values())
 
 
+def aten_ops(bn, shape=SMALL_SHAPE) -> tuple[int, int]:
+    """(operations in the forward pass, operations in forward + backward) that ``bn`` dispatches to ATen kernels.
+
+    ``bn`` has the signature of ``F.batch_norm``; training mode, float32, weight and bias requiring grad. Counted
+    with a ``TorchDispatchMode`` that sees every kernel call, including those autograd makes for the backward pass
+    (and the ``detach`` calls that accumulate the leaf gradients).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    C = shape[1]
+    x = torch.randn(shape, generator=gen).requires_grad_()
+    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    dy = torch.randn(shape, generator=gen)
+    with Count():
+        y = bn(x, torch.zeros(C), torch.ones(C), w, b, True, 0.1, 1e-5)
+        forward = Count.n
+        y.backward(dy)
+    return forward, Count.n
+
+
 def _numpy_saved_bytes(cache) -> int:
     import numpy as np
 
