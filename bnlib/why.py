@@ -27,7 +27,8 @@ from bnlib.data import binarize, load_mnist
 from bnlib.mnist import batch_indices, progress_bar
 from bnlib.torch_bn import BatchNorm1d
 
-__all__ = ["DeepMLP", "NoisyBN", "mnist_subset", "train", "evaluate", "seed_losses", "init_diagnostics",
+__all__ = ["DeepMLP", "NoisyBN", "DepthConfig", "LRConfig", "WDConfig", "RegConfig", "SmoothConfig",
+           "mnist_subset", "train", "evaluate", "seed_losses", "init_diagnostics",
            "PARTS", "run_part", "run_and_save", "depth_experiment", "lr_experiment", "wd_experiment",
            "reg_experiment", "smooth_experiment", "summarize", "pm", "markdown_table", "distribution_shift"]
 
@@ -314,7 +315,10 @@ def _tail(losses: torch.Tensor, n: int = 50) -> list[float]:
 # ------------------------------------------------------------------------------------------ experiments
 @dataclass
 class DepthConfig:
-    """Part 1: depth with and without BN, plain and residual. Every choice, in one place."""
+    """Part 1: depth with and without BN, plain and residual. Every choice, in one place.
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
 
     seeds: tuple = (0, 1, 2)
     depths: tuple = (4, 8, 16, 32, 64, 128)
@@ -373,7 +377,10 @@ def depth_experiment(cfg: DepthConfig | None = None, progress: bool = False) -> 
 
 @dataclass
 class LRConfig:
-    """Part 2: learning rate × init scale, with and without BN; weight norms; BN with weight decay."""
+    """Part 2: learning rate × init scale, with and without BN; weight norms.
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
 
     seeds: tuple = (0, 1, 2)
     depth: int = 8
@@ -389,7 +396,10 @@ class LRConfig:
 
 @dataclass
 class WDConfig:
-    """Part 2b: BN networks with and without weight decay from several init scales; effective rate lr / ‖W‖²."""
+    """Part 2b: BN networks with and without weight decay from several init scales; effective rate lr / ‖W‖².
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
 
     seeds: tuple = (0, 1, 2)
     depth: int = 8
@@ -465,7 +475,10 @@ def wd_experiment(cfg: WDConfig | None = None, progress: bool = False) -> dict:
 
 @dataclass
 class RegConfig:
-    """Part 3: train/test gap on a small training set; ghost batch sizes; dropout before BN."""
+    """Part 3: train/test gap on a small training set; ghost batch sizes; dropout before BN.
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
 
     seeds: tuple = (0, 1, 2)
     depth: int = 3
@@ -554,7 +567,10 @@ def _eval_with_eval_mode_stats(model: DeepMLP, data) -> list[float]:
 
 @dataclass
 class SmoothConfig:
-    """Part 4: Santurkar et al.'s measurements on the Figure 1 MLP and a deep linear network."""
+    """Part 4: Santurkar et al.'s measurements on the Figure 1 MLP and a deep linear network.
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
 
     seeds: tuple = (0, 1, 2)
     n_train: int = 60_000
