@@ -6,8 +6,10 @@
   sigmoid, tanh or linear units; dropout.
 * :class:`NoisyBN`: the noise of noisy BN, chapter 1's schedule (:class:`bnlib.motivation.BNNoise`) per seed.
 * :func:`train`: minibatch SGD of every seed on its own batches, with a callback for measurements.
-* The experiments behind ``python -m bnlib why --part depth|lr|wd|reg|smooth`` (:func:`run_part`), whose results
-  are committed under ``results/why_*.json``.
+* :class:`DeepCNN`: the same for plain or residual 3×3 convolutional networks (grouped convolutions, bnlib's
+  :class:`bnlib.torch_bn.BatchNorm2d`), for the CNN half of the depth study.
+* The experiments behind ``python -m bnlib why --part depth|depth-cnn|lr|wd|reg|smooth`` (:func:`run_part`),
+  whose results are committed under ``results/why_*.json``.
 
 Defined in: chapters/10_why_bn.ipynb
 """
@@ -25,9 +27,10 @@ from torch.nn import functional as F
 from bnlib import diagnostics as dg
 from bnlib.data import binarize, load_mnist
 from bnlib.mnist import batch_indices, progress_bar
-from bnlib.torch_bn import BatchNorm1d
+from bnlib.torch_bn import BatchNorm1d, BatchNorm2d
 
-__all__ = ["DeepMLP", "NoisyBN", "DepthConfig", "LRConfig", "WDConfig", "RegConfig", "SmoothConfig",
+__all__ = ["DeepMLP", "DeepCNN", "NoisyBN", "DepthConfig", "DepthCNNConfig", "mnist_images", "depth_cnn_experiment",
+           "LRConfig", "WDConfig", "RegConfig", "SmoothConfig",
            "mnist_subset", "train", "evaluate", "seed_losses", "init_diagnostics",
            "PARTS", "run_part", "run_and_save", "depth_experiment", "lr_experiment", "wd_experiment",
            "reg_experiment", "smooth_experiment", "summarize", "pm", "markdown_table", "distribution_shift"]
@@ -194,6 +197,102 @@ class DeepMLP(nn.Module):
         return torch.baddbmm(self.biases[-1], h, self.weights[-1])
 
 
+class DeepCNN(nn.Module):
+    """``S`` independent plain or residual convolutional networks evaluated as one batched computation.
+
+    The CNN counterpart of :class:`DeepMLP` for the depth study. Input images ``(N, 1, H, W)`` (shared) or
+    ``(S, N, 1, H, W)`` (each seed its own batch). Layer 0 is a 3×3 convolution 1 → ``channels``; layers
+    1 … depth−1 are 3×3 convolutions ``channels`` → ``channels`` (padding 1, stride 1: the resolution never
+    changes); then global average pooling and a linear output layer. Layer k computes z_k = norm(conv(h_{k−1}))
+    (conv + bias without normalisation) and, as in :class:`DeepMLP`, h_k = relu(z_k) (plain) or
+    h_k = relu(h_{k−1} + z_k) for k ≥ 1 (``residual=True``), with γ of every residual layer starting at 0 under
+    BN and the residual weights 1/√depth times smaller than He's without.
+
+    Initialisation: weights ~ N(0, 2 init_scale² / fan_in), fan_in = 9 × input channels (He et al.); the output
+    layer N(0, 1/channels); biases 0. One ``torch.Generator`` per seed, so a seed's network does not depend on
+    the others. The S networks run as one grouped convolution (``groups=S``) over ``(N, S·C, H, W)``; ``"bn"``
+    is an affine-free :class:`bnlib.torch_bn.BatchNorm2d` over the S·C channels (each seed's channel is
+    normalised over its own minibatch and positions), then per-seed γ, β.
+
+    Output ``(S, N, 10)``; ``forward(x, record=list)`` appends each z_k as ``(S, N·H·W, C)`` (a channel is a
+    "unit" for :func:`bnlib.diagnostics.layer_stats`; dead = never positive on the batch).
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
+
+    act = "relu"
+    noise = None
+
+    def __init__(self, seeds, depth: int, channels: int = 8, norm: str = "none", residual: bool = False,
+                 init_scale: float = 1.0, out_dim: int = 10, zero_gamma: bool = True, eps: float = 1e-5):
+        super().__init__()
+        if norm not in ("none", "bn"):
+            raise ValueError(f"norm must be 'none' or 'bn', got {norm!r}")
+        self.seeds, self.S, self.depth, self.channels = tuple(int(s) for s in seeds), len(seeds), depth, channels
+        self.norm, self.residual = norm, residual
+        gens = [torch.Generator().manual_seed(s) for s in self.seeds]
+        S, C = self.S, channels
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.gammas, self.betas, self.bns = nn.ParameterList(), nn.ParameterList(), nn.ModuleList()
+        for k in range(depth):
+            cin = 1 if k == 0 else C
+            std = init_scale * math.sqrt(2.0 / (9 * cin))
+            if residual and norm == "none" and k >= 1:
+                std /= math.sqrt(depth)
+            w = torch.cat([torch.randn(C, cin, 3, 3, generator=g) * std for g in gens])  # (S·C, cin, 3, 3)
+            self.weights.append(nn.Parameter(w))
+            if norm == "none":
+                self.biases.append(nn.Parameter(torch.zeros(S * C)))
+            else:
+                g0 = 0.0 if (residual and zero_gamma and k >= 1) else 1.0
+                self.gammas.append(nn.Parameter(torch.full((1, S * C, 1, 1), g0)))
+                self.betas.append(nn.Parameter(torch.zeros(1, S * C, 1, 1)))
+                self.bns.append(BatchNorm2d(S * C, eps=eps, affine=False))
+        w = torch.stack([torch.randn(C, out_dim, generator=g) / math.sqrt(C) for g in gens])
+        self.weights.append(nn.Parameter(w))
+        self.out_bias = nn.Parameter(torch.zeros(S, 1, out_dim))
+
+    def hidden_weights(self) -> list[nn.Parameter]:
+        return list(self.weights[:-1])
+
+    def forward(self, x: torch.Tensor, record: list | None = None) -> torch.Tensor:
+        S, C = self.S, self.channels
+        if x.dim() == 4:  # shared (N, 1, H, W)
+            x = x.expand(S, *x.shape)
+        N, H, W = x.shape[1], x.shape[-2], x.shape[-1]
+        h = x.transpose(0, 1).reshape(N, S, H, W)  # (N, S·1, H, W)
+        for k in range(self.depth):
+            if self.norm == "none":
+                z = F.conv2d(h, self.weights[k], self.biases[k], padding=1, groups=S)
+            else:
+                z = self.bns[k](F.conv2d(h, self.weights[k], padding=1, groups=S))
+                z = z * self.gammas[k] + self.betas[k]
+            if record is not None:  # route the graph through an (S, N·H·W, C) view so its .grad is recorded
+                v = z.reshape(N, S, C, H, W).permute(1, 0, 3, 4, 2).reshape(S, N * H * W, C)
+                if v.requires_grad:
+                    v.retain_grad()
+                record.append(v)
+                z = v.reshape(S, N, H, W, C).permute(1, 0, 4, 2, 3).reshape(N, S * C, H, W)
+            h = torch.relu(h + z) if (self.residual and k >= 1) else torch.relu(z)
+        pooled = h.mean((2, 3)).reshape(N, S, C).transpose(0, 1)  # (S, N, C)
+        return torch.baddbmm(self.out_bias, pooled, self.weights[-1])
+
+
+def mnist_images(n_train: int, n_test: int, seed: int = 0, pool: int = 2, root=None):
+    """``(x_train, y_train, x_test, y_test)`` as images ``(N, 1, 28/pool, 28/pool)``: :func:`mnist_subset`'s
+    examples (the same seeded draw, standardised the same way), average-pooled ``pool`` × ``pool``.
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
+    xtr, ytr, xte, yte = mnist_subset(n_train, n_test, seed, root=root)
+
+    def img(x):
+        x = x.reshape(-1, 1, 28, 28)
+        return F.avg_pool2d(x, pool) if pool > 1 else x
+
+    return img(xtr), ytr, img(xte), yte
+
+
 # --------------------------------------------------------------------------------------------- training
 def mnist_subset(n_train: int, n_test: int, seed: int = 0, binary: bool = False, root=None):
     """``(x_train, y_train, x_test, y_test)``: the first ``n_test`` test images and ``n_train`` training images
@@ -338,20 +437,14 @@ def _arch(name: str) -> dict:
     return {"residual": name.startswith("res"), "norm": "bn" if name.endswith("+bn") else "none"}
 
 
-def depth_experiment(cfg: DepthConfig | None = None, progress: bool = False) -> dict:
-    """Final training loss and test accuracy against depth, per architecture, with per-layer statistics at
-    initialisation (activation std, gradient rms) and the learning rate each architecture was given.
-
-    Defined in: chapters/10_why_bn.ipynb
-    """
-    cfg = cfg or DepthConfig()
-    data = mnist_subset(cfg.n_train, cfg.n_test)
+def _depth_study(cfg, data, make, progress: bool) -> dict:
+    """The depth study for any model family: ``make(depth, arch)`` builds the S-seed model of an architecture."""
     xb, yb = data[0][:256], data[1][:256]
     out = {"config": _jsonable(asdict(cfg)), "tuning": {}, "runs": {}}
     for arch in cfg.archs:
         best = None
         for lr in cfg.lrs:
-            m = DeepMLP(cfg.seeds, cfg.tune_depth, cfg.width, **_arch(arch))
+            m = make(cfg.tune_depth, arch)
             r = train(m, data, cfg.steps, cfg.batch_size, lr, cfg.momentum, progress=progress,
                       desc=f"tune {arch} lr={lr}")
             loss = _ms(_tail(r["losses"]))[0]
@@ -360,7 +453,7 @@ def depth_experiment(cfg: DepthConfig | None = None, progress: bool = False) -> 
                 best = (lr, loss)
         lr = best[0] if best else min(cfg.lrs)
         for depth in cfg.depths:
-            m = DeepMLP(cfg.seeds, depth, cfg.width, **_arch(arch))
+            m = make(depth, arch)
             diag = init_diagnostics(m, xb, yb)
             t0 = time.perf_counter()
             r = train(m, data, cfg.steps, cfg.batch_size, lr, cfg.momentum, progress=progress,
@@ -373,6 +466,51 @@ def depth_experiment(cfg: DepthConfig | None = None, progress: bool = False) -> 
                 "init_dead": diag["saturated"].mean(1).tolist(),
             }
     return out
+
+
+def depth_experiment(cfg: DepthConfig | None = None, progress: bool = False) -> dict:
+    """Final training loss and test accuracy against depth, per architecture, with per-layer statistics at
+    initialisation (activation std, gradient rms) and the learning rate each architecture was given.
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
+    cfg = cfg or DepthConfig()
+    data = mnist_subset(cfg.n_train, cfg.n_test)
+    return _depth_study(cfg, data, lambda d, arch: DeepMLP(cfg.seeds, d, cfg.width, **_arch(arch)), progress)
+
+
+@dataclass
+class DepthCNNConfig:
+    """Part 1b: the depth study with plain and residual CNNs (:class:`DeepCNN`), the same rules as
+    :class:`DepthConfig`: fixed budget of examples, learning rate the best of ``lrs`` at ``tune_depth``.
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
+
+    seeds: tuple = (0, 1, 2)
+    depths: tuple = (4, 8, 16, 32, 64, 128)
+    archs: tuple = ("plain", "plain+bn", "res", "res+bn")
+    channels: int = 8
+    pool: int = 2                  # 28×28 average-pooled to 14×14, to fit the budget
+    n_train: int = 10_000
+    n_test: int = 2_000
+    steps: int = 250               # fixed budget: steps × batch_size = 8,000 examples (0.8 epoch)
+    batch_size: int = 32
+    momentum: float = 0.9
+    lrs: tuple = (0.01, 0.03, 0.1)   # rule: per architecture, the best of these at tune_depth (mean final loss)
+    tune_depth: int = 8
+    threads: int = 1
+
+
+def depth_cnn_experiment(cfg: DepthCNNConfig | None = None, progress: bool = False) -> dict:
+    """:func:`depth_experiment` for :class:`DeepCNN` on average-pooled MNIST images (channels are the units of
+    the per-layer statistics).
+
+    Defined in: chapters/10_why_bn.ipynb
+    """
+    cfg = cfg or DepthCNNConfig()
+    data = mnist_images(cfg.n_train, cfg.n_test, pool=cfg.pool)
+    return _depth_study(cfg, data, lambda d, arch: DeepCNN(cfg.seeds, d, cfg.channels, **_arch(arch)), progress)
 
 
 @dataclass
@@ -662,7 +800,8 @@ def smooth_experiment(cfg: SmoothConfig | None = None, progress: bool = False) -
 
 
 # ----------------------------------------------------------------------------------------------- the CLI
-PARTS = {"depth": (DepthConfig, depth_experiment), "lr": (LRConfig, lr_experiment), "wd": (WDConfig, wd_experiment),
+PARTS = {"depth": (DepthConfig, depth_experiment), "depth-cnn": (DepthCNNConfig, depth_cnn_experiment),
+         "lr": (LRConfig, lr_experiment), "wd": (WDConfig, wd_experiment),
          "reg": (RegConfig, reg_experiment), "smooth": (SmoothConfig, smooth_experiment)}
 
 
@@ -739,7 +878,7 @@ def run_and_save(part: str, out: str | None = None, progress: bool = False, **ov
     t0 = time.perf_counter()
     res = run_part(part, progress=progress, **overrides)
     cfg = PARTS[part][0](**overrides)
-    path = out or str(RESULTS_DIR / f"why_{part}.json")
+    path = out or str(RESULTS_DIR / f"why_{part.replace('-', '_')}.json")
     extra = "".join(f" --{k.replace('_', '-')} {v}" for k, v in overrides.items())
     save_results(path, res, command=f"python -m bnlib why --part {part}{extra}",
                  seconds=time.perf_counter() - t0, threads=cfg.threads)
