@@ -9,7 +9,8 @@ cnn       the seed CNN with and without BN, several seeds (see bnlib.mnist.cnn_e
 small-batch  no norm, BN, GN, LN and batch renorm at small batch sizes (see bnlib.norms.small_batch_grid)
 small-batch-transfer  BN when fine-tuning and AdaBN (see bnlib.norms.transfer_experiments)
 lenet     the seeds' LeNet with and without BN on full MNIST (see bnlib.mnist.lenet_experiment)
-why       chapter 10's measurements: depth, lr, wd, reg or smooth (see bnlib.why.run_part)
+ddp       the seed CNN trained by 1, 2, 4 processes, per-rank BN vs SyncBatchNorm (see bnlib.ddp.workers_experiment)
+why       chapter 10's measurements: depth, depth-cnn, lr, wd, reg or smooth (see bnlib.why.run_part)
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     p.set_defaults(func=_small_batch)
     p = sub.add_parser("why", help="chapter 10: depth, learning rates, weight decay, regularisation, ICS vs smoothness")
-    p.add_argument("--part", nargs="+", required=True, choices=["depth", "lr", "wd", "reg", "smooth"])
+    p.add_argument("--part", nargs="+", required=True, choices=["depth", "depth-cnn", "lr", "wd", "reg", "smooth"])
     p.add_argument("--out", default=None, help="default results/why_PART.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_why)
