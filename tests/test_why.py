@@ -220,3 +220,65 @@ def test_wd_results_reproduce():
     new = why.wd_experiment(short)["runs"][f"{wd}/1.0"]
     assert new["step"][-1] == 200
     _close(new["eff_lr"][-1], old["eff_lr"][k], "effective lr at step 200")
+
+
+# ------------------------------------------------------------------------------------------------- the CNN
+def _cnn_slice(name: str, p: torch.Tensor, s: int, C: int) -> torch.Tensor:
+    """Seed ``s``'s part of a batched DeepCNN parameter."""
+    if name.startswith(("gammas", "betas")):
+        return p[:, s * C:(s + 1) * C]
+    if name == "out_bias" or (name.startswith("weights.") and p.dim() == 3):  # the output layer: (S, C, 10)
+        return p[s:s + 1]
+    return p[s * C:(s + 1) * C]
+
+
+@pytest.mark.parametrize("kw", [dict(norm="none"), dict(norm="bn"), dict(norm="bn", residual=True),
+                                dict(norm="none", residual=True)])
+def test_batched_cnn_seeds_equal_separate_models(kw):
+    C = 4
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 8, 1, 6, 6, generator=g), torch.randint(0, 10, (8,), generator=g)
+    big = why.DeepCNN((0, 1, 2), 3, C, **kw)
+    with torch.no_grad():  # non-trivial gammas, so a mix-up between seeds would show
+        for p in big.gammas:
+            p.uniform_(0.5, 1.5)
+    out = big(x)
+    why.seed_losses(out, y).sum().backward()
+    for s in (0, 2):
+        one = why.DeepCNN((s,), 3, C, **kw)
+        named = dict(big.named_parameters())
+        with torch.no_grad():
+            for n, a in one.named_parameters():
+                a.copy_(_cnn_slice(n, named[n], s, C))
+        torch.testing.assert_close(one(x[s:s + 1])[0], out[s], rtol=1e-5, atol=1e-5)
+        why.seed_losses(one(x[s:s + 1]), y).sum().backward()
+        for n, a in one.named_parameters():
+            torch.testing.assert_close(a.grad, _cnn_slice(n, named[n].grad, s, C), rtol=1e-4, atol=1e-6)
+
+
+def test_cnn_init_and_diagnostics():
+    m = why.DeepCNN((0, 1), 4, 16)
+    one = why.DeepCNN((1,), 4, 16)
+    assert torch.equal(m.weights[1][16:], one.weights[1])
+    assert m.weights[1].std().item() == pytest.approx(math.sqrt(2 / (9 * 16)), rel=0.03)  # He, fan_in 9·C
+    x, y = why.mnist_images(64, 10)[:2]
+    assert x.shape == (64, 1, 14, 14)
+    d = why.init_diagnostics(why.DeepCNN((0, 1), 6, 8, norm="bn", residual=True), x, y)
+    assert d["std"].shape == d["grad_rms"].shape == (6, 2)
+    # zero-initialised gamma: every residual block's z is exactly 0 and the gradient passes unchanged
+    assert torch.all(d["std"][1:] == 0)
+    torch.testing.assert_close(d["grad_rms"][1] / d["grad_rms"][-1], torch.ones(2, dtype=torch.float64))
+    bn = why.init_diagnostics(why.DeepCNN((0, 1), 6, 8, norm="bn"), x, y)
+    torch.testing.assert_close(bn["std"], torch.ones_like(bn["std"]), rtol=1e-3, atol=1e-3)  # BN: unit variance
+
+
+def test_depth_cnn_results_reproduce():
+    """The plain BN CNN of depth 4, the whole budget, against the committed run."""
+    doc = load_results("why_depth_cnn.json")
+    assert doc["provenance"]["command"].startswith("python -m bnlib why --part depth-cnn")
+    cfg = doc["results"]["config"]
+    run = doc["results"]["runs"]["plain+bn/4"]
+    data = why.mnist_images(cfg["n_train"], cfg["n_test"], pool=cfg["pool"])
+    m = why.DeepCNN(tuple(cfg["seeds"]), 4, cfg["channels"], norm="bn")
+    why.train(m, data, cfg["steps"], cfg["batch_size"], run["lr"], cfg["momentum"])
+    _close(why.evaluate(m, data[2], data[3])["accuracy"], run["test_accuracy"], "plain BN CNN depth 4 accuracy")
