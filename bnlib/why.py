@@ -494,7 +494,7 @@ class DepthCNNConfig:
     pool: int = 2                  # 28×28 average-pooled to 14×14, to fit the budget
     n_train: int = 10_000
     n_test: int = 2_000
-    steps: int = 250               # fixed budget: steps × batch_size = 8,000 examples (0.8 epoch)
+    steps: int = 200               # fixed budget: steps × batch_size = 6,400 examples (0.64 epoch)
     batch_size: int = 32
     momentum: float = 0.9
     lrs: tuple = (0.01, 0.03, 0.1)   # rule: per architecture, the best of these at tune_depth (mean final loss)
