@@ -151,6 +151,23 @@ def _small_batch_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ddp(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from bnlib.ddp import WorkersConfig, workers_experiment
+    from bnlib.results import save_results
+
+    torch.set_num_threads(1)
+    cfg = WorkersConfig(**_overrides(args, "workers", "seeds", "steps", "eval_every"))
+    t0 = time.perf_counter()
+    res = workers_experiment(cfg, progress=not args.quiet)
+    save_results(args.out, res, seconds=time.perf_counter() - t0, threads=1)
+    print(f"results written to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import bnlib.results  # noqa: F401  (records the commit the run starts from)
 
@@ -229,6 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/small_batch_transfer.json")
     p.add_argument("--quiet", action="store_true", help="no per-seed lines")
     p.set_defaults(func=_small_batch_transfer)
+    p = sub.add_parser("ddp", help="the seed CNN trained by 1, 2, 4 processes (gloo): per-rank BN vs SyncBatchNorm")
+    p.add_argument("--workers", type=int, nargs="+", default=None, help="default 1 2 4")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    p.add_argument("--steps", type=int, default=None, help="default 200 steps of 32 images")
+    p.add_argument("--eval-every", type=int, default=None, help="default 50")
+    p.add_argument("--out", default="results/ddp.json")
+    p.add_argument("--quiet", action="store_true", help="no per-run lines")
+    p.set_defaults(func=_ddp)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -26,8 +26,9 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 __all__ = ["free_port", "launch", "init_from_env", "run_tasks", "parity_inputs", "sync_bn_outputs", "torch_reference",
-           "DDPConfig",
-           "ddp_data", "split_batch", "single_process_train", "ddp_parity", "ddp_train", "comm_counts",
+           "DDPConfig", "WorkersConfig",
+           "ddp_data", "split_batch", "single_process_train", "ddp_parity", "ddp_train", "workers_runs",
+           "workers_experiment", "comm_counts",
            "torch_sync_bn_on_cpu", "main"]
 
 
@@ -221,34 +222,41 @@ def _new_model(seed: int, bn: str, dtype=torch.float32):
 
 
 def single_process_train(seed: int, cfg: DDPConfig, data, dtype=torch.float32, steps: int | None = None,
-                         record: bool = False, test: bool = True) -> dict:
+                         record: bool = False, test: bool = True, eval_at=()) -> dict:
     """One process, the whole global batch: the reference a DDP run with SyncBatchNorm must equal.
 
     Defined in: chapters/09_sync_bn.ipynb
 
-    Returns ``{"test_accuracy": float}`` (eval mode, running statistics; None without ``test``) and, with
-    ``record``, ``"params"``: the flattened parameters after every step.
+    Returns ``{"test_accuracy": float}`` (eval mode, running statistics; None without ``test``), with
+    ``record``, ``"params"``: the flattened parameters after every step, and with ``eval_at`` (step numbers),
+    ``"curve"``: the test accuracy after each of those steps.
     """
     from bnlib.mnist import batch_indices, evaluate
 
     x, y, xt, yt = data
     model = _new_model(seed, "local", dtype)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    params = []
-    for idx in batch_indices(x.shape[0], cfg.global_batch, seed, steps or cfg.steps):
+    params, curve = [], []
+    for step, idx in enumerate(batch_indices(x.shape[0], cfg.global_batch, seed, steps or cfg.steps), 1):
         loss = F.cross_entropy(model(x[idx].to(dtype)), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if record:
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        if step in eval_at:
+            curve.append(evaluate(model, xt.to(dtype), yt)[1])
+            model.train()
     out = {"test_accuracy": evaluate(model, xt.to(dtype), yt)[1] if test else None}
+    if eval_at:
+        out["curve"] = curve
     if record:
         out["params"] = params
     return out
 
 
-def _ddp_run(rank, world_size, seed, bn, cfg, data, dtype=torch.float32, steps=None, record=False, test=True):
+def _ddp_run(rank, world_size, seed, bn, cfg, data, dtype=torch.float32, steps=None, record=False, test=True,
+             eval_at=()):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from bnlib.mnist import batch_indices, evaluate
@@ -256,8 +264,10 @@ def _ddp_run(rank, world_size, seed, bn, cfg, data, dtype=torch.float32, steps=N
     x, y, xt, yt = data
     model = DDP(_new_model(seed, bn, dtype))
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    params = []
-    for idx in batch_indices(x.shape[0], cfg.global_batch, seed, steps or cfg.steps):
+    if cfg.global_batch % world_size:
+        raise ValueError(f"global batch {cfg.global_batch} does not split evenly over {world_size} ranks")
+    params, curve = [], []
+    for step, idx in enumerate(batch_indices(x.shape[0], cfg.global_batch, seed, steps or cfg.steps), 1):
         mine = split_batch(idx, rank, world_size)
         loss = F.cross_entropy(model(x[mine].to(dtype)), y[mine])
         opt.zero_grad(set_to_none=True)
@@ -265,7 +275,12 @@ def _ddp_run(rank, world_size, seed, bn, cfg, data, dtype=torch.float32, steps=N
         opt.step()
         if record:
             params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        if step in eval_at and rank == 0:  # rank 0's buffers: the ones DDP broadcasts
+            curve.append(evaluate(model.module, xt.to(dtype), yt)[1])
+            model.module.train()
     out = {"test_accuracy": evaluate(model.module, xt.to(dtype), yt)[1] if rank == 0 and test else None}
+    if eval_at:
+        out["curve"] = curve if rank == 0 else None
     if record:
         out["params"] = params
     return out
@@ -313,6 +328,79 @@ def ddp_train(rank: int, world_size: int, cfg: DDPConfig, data) -> dict:
         out["single"].append(single_process_train(seed, cfg, data)["test_accuracy"] if mine else None)
         out["seconds"]["single"] += time.perf_counter() - t0
     return out
+
+
+@dataclass
+class WorkersConfig(DDPConfig):
+    """``python -m bnlib ddp``: the seed CNN trained by 1, 2 and 4 processes at one global batch size.
+
+    Defined in: chapters/09_sync_bn.ipynb
+
+    The global batch of 32 is split evenly over the ranks (8 images per rank with 4); every run of a seed starts
+    from the same weights and sees the same global batches.  Test accuracy (1,000 images, eval mode) after every
+    ``eval_every`` steps.
+    """
+
+    steps: int = 200
+    workers: tuple = (1, 2, 4)
+    eval_every: int = 50
+
+    def checkpoints(self) -> list[int]:
+        return list(range(self.eval_every, self.steps + 1, self.eval_every))
+
+
+def workers_runs(rank: int, world_size: int, cfg: WorkersConfig, data, kinds=("local", "sync")) -> dict:
+    """In one process group: every seed of ``cfg`` trained by DDP with per-rank BN and with SyncBatchNorm.
+
+    Defined in: chapters/09_sync_bn.ipynb
+
+    Returns ``{kind: [test accuracy after each of cfg.checkpoints(), per seed], "seconds": {kind: s}}``
+    (accuracies on rank 0, None on the others).
+    """
+    out = {k: [] for k in kinds}
+    out["seconds"] = {k: 0.0 for k in kinds}
+    for seed in cfg.seeds:
+        for bn in kinds:
+            t0 = time.perf_counter()
+            run = _ddp_run(rank, world_size, seed, bn, cfg, data, eval_at=cfg.checkpoints(), test=False)
+            out[bn].append(run["curve"])
+            out["seconds"][bn] += time.perf_counter() - t0
+    return out
+
+
+def workers_experiment(cfg: WorkersConfig | None = None, data=None, progress: bool = False) -> dict:
+    """Train the seed CNN with 1, 2, 4, ... workers (``cfg.workers``) at a fixed global batch; one row per
+    (workers, BN kind).
+
+    Defined in: chapters/09_sync_bn.ipynb
+
+    One worker is one process without a process group ("single", the reference: its batch norm sees the whole
+    global batch).  Each larger world size is one :func:`launch` of :func:`workers_runs` (gloo on 127.0.0.1,
+    one thread per process), with per-rank BN ("local") and with SyncBatchNorm ("sync").  Returns
+    ``{"config", "steps": checkpoints, "rows": [{"workers", "bn", "test_accuracy": [[per checkpoint] per
+    seed], "seconds"}]}``.
+    """
+    cfg = cfg or WorkersConfig()
+    data = data if data is not None else ddp_data(cfg)
+    rows = []
+    for W in cfg.workers:
+        t0 = time.perf_counter()
+        if W == 1:
+            curves = [single_process_train(s, cfg, data, test=False, eval_at=cfg.checkpoints())["curve"]
+                      for s in cfg.seeds]
+            rows.append({"workers": 1, "bn": "single", "test_accuracy": curves,
+                         "seconds": time.perf_counter() - t0})
+        else:
+            res = launch(workers_runs, W, cfg, data, timeout=600)[0]
+            rows += [{"workers": W, "bn": k, "test_accuracy": res[k], "seconds": res["seconds"][k]}
+                     for k in ("local", "sync")]
+        if progress:
+            for r in rows[-1 if W == 1 else -2:]:
+                final = [c[-1] for c in r["test_accuracy"]]
+                print(f"{W} worker(s), {r['bn']:6s}: final test accuracy "
+                      f"{sum(final) / len(final):.4f} ({', '.join(f'{a:.4f}' for a in final)}), "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return {"config": cfg.as_dict(), "steps": cfg.checkpoints(), "rows": rows}
 
 
 def torch_sync_bn_on_cpu(rank: int, world_size: int) -> str:
