@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, nargs="+", default=None, help="default 1 2 4")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
     p.add_argument("--steps", type=int, default=None, help="default 200 steps of 32 images")
-    p.add_argument("--eval-every", type=int, default=None, help="default 50")
+    p.add_argument("--eval-every", type=int, default=None, help="default 25")
     p.add_argument("--out", default="results/ddp.json")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     p.set_defaults(func=_ddp)

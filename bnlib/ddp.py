@@ -343,7 +343,7 @@ class WorkersConfig(DDPConfig):
 
     steps: int = 200
     workers: tuple = (1, 2, 4)
-    eval_every: int = 50
+    eval_every: int = 25
 
     def checkpoints(self) -> list[int]:
         return list(range(self.eval_every, self.steps + 1, self.eval_every))
