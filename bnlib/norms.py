@@ -47,8 +47,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from bnlib import torch_bn
-from bnlib.data import load_mnist, standardize
-from bnlib.mnist import batch_indices, evaluate, progress_bar
+from bnlib.mnist import batch_indices, cnn_data, evaluate, progress_bar
+from bnlib.models import SeedCNN
 from bnlib.numpy_bn import BNCache, batch_norm_backward, batch_norm_forward, batch_norm_inference
 
 __all__ = [
@@ -75,6 +75,8 @@ __all__ = [
     "renorm_limits",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
+    "norm_factories",
+    "small_batch_model",
     "SmallCNN",
     "SmallBatchConfig",
     "small_batch_data",
@@ -688,7 +690,7 @@ def renorm_limits(step: int, total: int, warmup: float = 0.125, r_max: float = 3
 
 
 # ==========================================================================================================
-# The experiment: a small CNN, trained with small batches
+# The experiment: the seed CNN, trained with small batches
 # ==========================================================================================================
 
 def _norm_layer(norm: str, C: int, groups: int):
@@ -705,13 +707,49 @@ def _norm_layer(norm: str, C: int, groups: int):
     raise ValueError(f"unknown norm {norm!r}: use none, bn, gn, ln or renorm")
 
 
+def norm_factories(norm: str, groups: int = 4):
+    """``(layer_1d, layer_2d)``: what :class:`bnlib.models.SeedCNN` puts where its BN layers go, for ``norm``.
+
+    Defined in: chapters/08_small_batches.ipynb
+
+    ``"bn"``: torch's BatchNorm1d/2d (equal to bnlib's, chapter 6); ``"gn"``: ``nn.GroupNorm(groups, C)``;
+    ``"ln"``: ``nn.GroupNorm(1, C)`` (layer norm over (C, H, W), or over the C features after fc1, with a
+    per-channel affine map); ``"renorm"``: :class:`BatchRenorm1d` / :class:`BatchRenorm2d`. torch's GroupNorm
+    (equal to :class:`TorchGroupNorm`, proven in the chapter) because it is about twice as fast at batch 2,
+    which is what lets the grid use the seed CNN. ``"none"`` has no factories (None, None).
+    """
+    if norm == "none":
+        return None, None
+    if norm == "bn":
+        return nn.BatchNorm1d, nn.BatchNorm2d
+    if norm in ("gn", "ln"):
+        g = groups if norm == "gn" else 1
+        return (lambda C: nn.GroupNorm(g, C)), (lambda C: nn.GroupNorm(g, C))
+    if norm == "renorm":
+        return BatchRenorm1d, BatchRenorm2d
+    raise ValueError(f"unknown norm {norm!r}: use none, bn, gn, ln or renorm")
+
+
+def small_batch_model(norm: str, groups: int = 4) -> SeedCNN:
+    """The seed CNN of chapters 6 and 7 (:class:`bnlib.models.SeedCNN`, dropout kept) with ``norm`` where
+    its BN layers sit (after each conv and after fc1, before the ReLU; :func:`norm_factories`); no norm
+    layers for ``"none"``.
+
+    Defined in: chapters/08_small_batches.ipynb
+    """
+    d1, d2 = norm_factories(norm, groups)
+    return SeedCNN(bn=norm != "none", bn_layer=d1, bn2d_layer=d2)
+
+
 class SmallCNN(nn.Module):
     """conv(1→8, 3×3) → norm → ReLU → maxpool 2 → conv(8→16, 3×3) → norm → ReLU → maxpool 2 → fc(400→10).
 
-    A seconds-per-run stand-in for the seed CNN. ``norm``: ``"none"``, ``"bn"`` (torch's BatchNorm2d,
-    proven equal to bnlib's in chapter 6), ``"gn"`` (GroupNorm with ``groups`` groups), ``"ln"`` (GroupNorm
-    with one group: layer norm over (C, H, W) with a per-channel affine map), ``"renorm"``
-    (:class:`BatchRenorm2d`). Convolutions have no bias when a norm follows. Input (N, 1, 28, 28).
+    The network of the fine-tuning and AdaBN runs (:func:`finetune_run`, :func:`adabn_run`,
+    ``results/small_batch_transfer.json``): seconds per run, and they only need a BN network (the grid uses the
+    seed CNN, :func:`small_batch_model`). ``norm``: ``"none"``, ``"bn"`` (torch's BatchNorm2d, proven equal to
+    bnlib's in chapter 6), ``"gn"`` (GroupNorm with ``groups`` groups), ``"ln"`` (GroupNorm with one group:
+    layer norm over (C, H, W) with a per-channel affine map), ``"renorm"`` (:class:`BatchRenorm2d`).
+    Convolutions have no bias when a norm follows. Input (N, 1, 28, 28).
 
     Defined in: chapters/08_small_batches.ipynb
     """
@@ -740,10 +778,10 @@ class SmallBatchConfig:
     batch_sizes: tuple = (2, 4, 8, 16, 64)
     norms: tuple = ("none", "bn", "gn", "ln", "renorm")
     seeds: tuple = (0, 1, 2)
-    examples: int = 10_000         # examples seen by every run, whatever its batch size
+    examples: int = 3_000          # examples seen by every run, whatever its batch size
     train_size: int = 10_000       # a fixed random subset of the 60k training images
-    test_size: int = 2_000         # a fixed random subset of the 10k test images
-    base_lr: float = 0.05          # SGD + momentum 0.9 at batch size 64 ...
+    test_size: int = 1_000         # a fixed random subset of the 10k test images
+    base_lr: float = 0.05          # SGD + momentum 0.9 at batch size 64 (chapter 7's seed CNN) ...
     base_batch: int = 64           # ... scaled as base_lr * sqrt(B / base_batch)
     momentum: float = 0.9
     groups: int = 4
@@ -760,21 +798,15 @@ class SmallBatchConfig:
 
 def small_batch_data(cfg=None, root=None):
     """Standardised MNIST subsets ``(x_train, y_train, x_test, y_test)`` of ``cfg.train_size`` and
-    ``cfg.test_size`` images (a fixed seeded choice, the same for every run).
+    ``cfg.test_size`` images (a fixed seeded choice, the same for every run): :func:`bnlib.mnist.cnn_data`.
 
     Defined in: chapters/08_small_batches.ipynb
     """
-    cfg = cfg or SmallBatchConfig()
-    xtr, ytr = load_mnist(True, root)
-    xte, yte = load_mnist(False, root)
-    g = torch.Generator().manual_seed(cfg.data_seed)
-    itr = torch.randperm(xtr.shape[0], generator=g)[: cfg.train_size]
-    ite = torch.randperm(xte.shape[0], generator=g)[: cfg.test_size]
-    return standardize(xtr[itr]), ytr[itr], standardize(xte[ite]), yte[ite]
+    return cnn_data(cfg or SmallBatchConfig(), root)
 
 
 def small_batch_run(norm, batch_size, seed, data, cfg=None, progress=False):
-    """Train one :class:`SmallCNN` for ``cfg.examples`` examples in batches of ``batch_size``; evaluate.
+    """Train one :func:`small_batch_model` for ``cfg.examples`` examples in batches of ``batch_size``; evaluate.
 
     Returns ``{"test_accuracy" (eval mode), "train_mode_accuracy" (test batches of ``batch_size`` in
     training mode, i.e. with their own batch statistics; None without batch statistics), "batch1_accuracy"
@@ -786,7 +818,7 @@ def small_batch_run(norm, batch_size, seed, data, cfg=None, progress=False):
     cfg = cfg or SmallBatchConfig()
     x, y, xt, yt = data
     torch.manual_seed(seed)
-    model = SmallCNN(norm, cfg.groups)
+    model = small_batch_model(norm, cfg.groups)
     steps = cfg.examples // batch_size
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr(batch_size), momentum=cfg.momentum)
     model.train()
@@ -795,7 +827,7 @@ def small_batch_run(norm, batch_size, seed, data, cfg=None, progress=False):
                                             desc=f"{norm} B={batch_size}", progress=progress)):
         if norm == "renorm":
             for mod in model.modules():
-                if isinstance(mod, BatchRenorm2d):
+                if isinstance(mod, _BatchRenorm):
                     mod.r_max, mod.d_max = renorm_limits(step, steps)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         if not math.isfinite(loss.item()):
@@ -983,14 +1015,15 @@ def adabn_run(seed, data, shifts=("contrast", "rotate"), examples: int = 6_000, 
 
 
 def transfer_experiments(seeds=(0, 1, 2), progress: bool = True) -> dict:
-    """:func:`finetune_run` and :func:`adabn_run` for every seed, on :func:`small_batch_data`'s subsets.
+    """:func:`finetune_run` and :func:`adabn_run` for every seed, on :func:`small_batch_data`'s subsets of
+    10,000 training and 2,000 test images (data_seed 0).
 
     Defined in: chapters/08_small_batches.ipynb
 
     Returns the JSON-ready ``{"config": {...}, "finetune": [per seed], "adabn": [per seed]}``.
     """
     torch.set_num_threads(1)
-    data = small_batch_data()
+    data = small_batch_data(SmallBatchConfig(train_size=10_000, test_size=2_000, data_seed=0))
     out = {"config": {"seeds": list(seeds), "finetune": {"batch_size": 4, "source_examples": 6_000,
                                                           "target_examples": 2_000, "target_images": 500,
                                                           "lr": 0.01},
