@@ -16,6 +16,8 @@ from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
 from bnlib import norms
+from bnlib.mnist import cnn_data
+from bnlib.models import SeedCNN
 from bnlib.results import load_results
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -475,7 +477,39 @@ def test_float32_group_norm_error_is_torchs_order():
 
 # ------------------------------------------------------------------------------------------ the models
 @pytest.mark.parametrize("norm", ["none", "bn", "gn", "ln", "renorm"])
+def test_small_batch_model_is_the_seed_cnn_with_the_norm_swapped(norm):
+    torch.manual_seed(0)
+    model = norms.small_batch_model(norm)
+    assert isinstance(model, SeedCNN)
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    # the seed CNN's layers, in its order; the norm where its BN layers sit (after conv1, conv2, fc1)
+    ref = SeedCNN(bn=False)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [m.weight.shape for m in layers] == [m.weight.shape for m in ref.modules()
+                                                if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [m.bias is None for m in layers] == [norm != "none"] * 3 + [False]
+    normed = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm))]
+    expected = {"none": [], "bn": ["BatchNorm2d", "BatchNorm2d", "BatchNorm1d"],
+                "gn": ["GroupNorm"] * 3, "ln": ["GroupNorm"] * 3,
+                "renorm": ["BatchRenorm2d", "BatchRenorm2d", "BatchRenorm1d"]}[norm]
+    assert [type(m).__name__ for m in normed] == expected
+    assert [getattr(m, "num_groups", None) for m in normed] == {"gn": [4] * 3, "ln": [1] * 3}.get(
+        norm, [None] * len(normed))
+    assert [getattr(m, "num_channels", getattr(m, "num_features", None)) for m in normed] == (
+        [] if norm == "none" else [32, 64, 128])
+    with pytest.raises(ValueError, match="unknown norm"):
+        norms.small_batch_model("wn")
+
+
+def test_small_batch_data_is_cnn_data():
+    cfg = norms.SmallBatchConfig(train_size=300, test_size=200, data_seed=3)
+    for a, b in zip(norms.small_batch_data(cfg), cnn_data(cfg)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("norm", ["none", "bn", "gn", "ln", "renorm"])
 def test_small_cnn(norm):
+    """The transfer runs' network (fine-tuning, AdaBN)."""
     torch.manual_seed(0)
     model = norms.SmallCNN(norm)
     assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
@@ -488,15 +522,18 @@ def test_small_cnn(norm):
 
 
 def test_committed_small_batch_results_reproduce():
-    """Re-run a slice of the committed grid (B = 64, BN and GN, every seed) and compare within the seed spread."""
+    """Re-run a slice of the committed grid (B = 64, BN and GN, every seed) and compare within the seed spread
+    (CONTRIBUTING: max(3 sd, 0.01) for an accuracy); the file must describe the library's defaults."""
     doc = load_results("small_batch.json")
     assert doc["provenance"]["command"].startswith("python -m bnlib small-batch")
     res = doc["results"]
+    assert res["config"] == norms.SmallBatchConfig().as_dict()
+    assert len(res["runs"]) == len(res["config"]["norms"]) * len(res["config"]["batch_sizes"]) * 3
     cfg = norms.SmallBatchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["config"].items()})
     data = norms.small_batch_data(cfg)
     for norm in ("bn", "gn"):
         committed = [r["test_accuracy"] for r in res["runs"] if r["norm"] == norm and r["batch_size"] == 64]
         assert len(committed) == len(cfg.seeds) >= 3
         fresh = [norms.small_batch_run(norm, 64, s, data, cfg)["test_accuracy"] for s in cfg.seeds]
-        spread = max(np.std(committed), 0.005)
-        assert abs(np.mean(fresh) - np.mean(committed)) <= 3 * spread, (norm, fresh, committed)
+        tol = max(3 * np.std(committed), 0.01)
+        assert abs(np.mean(fresh) - np.mean(committed)) <= tol, (norm, fresh, committed)
