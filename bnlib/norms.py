@@ -30,7 +30,7 @@ groups), with one documented limit inherited from ``batch_norm_forward``: eps mu
 group norm also accept eps = 0).
 
 Sections: NumPy (functions, layers), torch (functions, drop-in modules), batch renorm, ghost batch norm, the
-small CNN and the small-batch experiments of the chapter.
+small-batch grid (the seed CNN with the norm swapped) and the transfer runs (a small CNN) of the chapter.
 """
 
 from __future__ import annotations
@@ -715,8 +715,8 @@ def norm_factories(norm: str, groups: int = 4):
     ``"bn"``: torch's BatchNorm1d/2d (equal to bnlib's, chapter 6); ``"gn"``: ``nn.GroupNorm(groups, C)``;
     ``"ln"``: ``nn.GroupNorm(1, C)`` (layer norm over (C, H, W), or over the C features after fc1, with a
     per-channel affine map); ``"renorm"``: :class:`BatchRenorm1d` / :class:`BatchRenorm2d`. torch's GroupNorm
-    (equal to :class:`TorchGroupNorm`, proven in the chapter) because it is about twice as fast at batch 2,
-    which is what lets the grid use the seed CNN. ``"none"`` has no factories (None, None).
+    (equal to :class:`TorchGroupNorm`, proven in the chapter) because its fused kernels are faster, and the
+    seed CNN at batch 2 is what the grid's budget is spent on. ``"none"`` has no factories (None, None).
     """
     if norm == "none":
         return None, None
