@@ -7,8 +7,10 @@ Defined in: chapters/09_sync_bn.ipynb
   rank order.  ``fn`` must be a module-level function (spawn pickles it by name), so a notebook passes functions
   from this module or another importable one.
 * :func:`init_from_env` is the same process group for a script started by ``torchrun`` (one or many machines).
-* :func:`ddp_parity` and :func:`ddp_train` are the chapter's experiments (module-level, so they pickle);
-  :func:`main` runs :func:`ddp_train` under ``torchrun``.
+* :func:`ddp_parity` (float64, step for step) and :func:`workers_runs` are the chapter's experiments
+  (module-level, so they pickle); :func:`workers_experiment` is ``python -m bnlib ddp`` (1, 2, 4 processes,
+  per-rank BN vs SyncBatchNorm, written to ``results/ddp.json``); :func:`main` runs :func:`ddp_train` under
+  ``torchrun``.
 """
 
 from __future__ import annotations
@@ -159,13 +161,13 @@ def torch_reference(inputs: dict, momentum: float = 0.1) -> dict:
 # ------------------------------------------------------------------------------------------------ experiments
 @dataclass
 class DDPConfig:
-    """The chapter's DDP runs: global batch, steps, data subset, optimiser (the chapter explains the choices).
+    """DDP runs of the seed CNN: global batch, steps, data subset, optimiser (the chapter explains the choices).
 
     Defined in: chapters/09_sync_bn.ipynb
     """
 
     seeds: tuple = (0, 1, 2)
-    steps: int = 30            # the chapter's budget: 30 steps of 32 images
+    steps: int = 30            # 30 steps of 32 images (WorkersConfig: the chapter's runs)
     global_batch: int = 32     # split evenly over the ranks: 16 per rank with 2 processes
     train_size: int = 6_000    # a seeded subset of the 60k training images
     test_size: int = 1_000     # a seeded subset of the 10k test images
