@@ -39,7 +39,7 @@ student: setup data
 	$(PY) tools/build_book.py --student
 
 test: setup data
-	env $(OTHER_CPU) BNLIB_BOOK_CPU=$(CPU) $(PY) -m pytest -n 2 --dist loadfile
+	env $(OTHER_CPU) BNLIB_BOOK_CPU=$(CPU) $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf _build

@@ -31,3 +31,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# `make test` runs two xdist workers with --dist loadfile and --no-loadscope-reorder: files are handed out in
+# collection order.  The longest files go first so that neither worker is left with a long file at the end:
+# the book build behind the browser test (every chapter executed once more), then the chapters with the longest
+# nbval runs, then the slowest unit-test files; everything else keeps pytest's order.
+FIRST = [
+    "tests/test_rendered_book.py",
+    "chapters/07_mnist.ipynb",
+    "chapters/09_sync_bn.ipynb",
+    "chapters/06_bn_pytorch.ipynb",
+    "chapters/appendix_performance.ipynb",
+    "chapters/10_why_bn.ipynb",
+    "tests/test_torch_bn_compile.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return FIRST.index(path) if path in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file and among the other files is kept
