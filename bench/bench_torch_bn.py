@@ -10,6 +10,8 @@ Rows, for each size:
   bnlib.torch_bn             ``bnlib.torch_bn.batch_norm`` in eager mode (every line one torch op)
   bnlib.torch_bn compiled    the same function under ``torch.compile(fullgraph=True)`` (inductor fuses
                              the ops into a few loops); compile time is reported, not timed
+  empty autograd.Function    a Function that only copies x forward and passes dy back: the cost of the call
+                             alone, which any Python-level Function pays (``function_floor``)
   numpy bnlib.numpy_bn       ``batch_norm_forward`` then ``batch_norm_backward``
 fwd+bwd rows time the forward and ``torch.autograd.grad`` of (x, weight, bias); for the small size the
 forward alone is timed too.  Candidates are timed interleaved (round-robin, one sample each per round)
@@ -104,6 +106,32 @@ def _numpy_saved_bytes(cache) -> int:
     return sum(seen.values())
 
 
+class _CopyFunction(torch.autograd.Function):
+    """The floor of every ``autograd.Function`` with ``setup_context``: forward copies x, backward passes dy on.
+    What any Python-level BN Function pays before it does any batch-norm arithmetic."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None, None
+
+
+def function_floor(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                   eps=1e-5):
+    """``F.batch_norm``'s signature around :class:`_CopyFunction` (no normalisation at all)."""
+    return _CopyFunction.apply(input, weight, bias)
+
+
+FLOOR = "empty autograd.Function"
+
+
 def _candidates(shape, compiled: bool):
     """{name: (fwd+bwd step, forward only, saved bytes, compile seconds or None)} for one float32 batch."""
     from bnlib import torch_bn
@@ -120,7 +148,7 @@ def _candidates(shape, compiled: bool):
             return bn(x, None, None, w, b, True, 0.1, 1e-5)
 
         def step():
-            torch.autograd.grad(forward(), (x, w, b), dy)
+            torch.autograd.grad(forward(), (x, w, b), dy, allow_unused=True)
 
         return step, forward
 
@@ -134,6 +162,7 @@ def _candidates(shape, compiled: bool):
 
             inductor_config.cpp.vec_isa_ok = False
         fns["bnlib.torch_bn compiled"] = torch.compile(torch_bn.batch_norm, fullgraph=True, dynamic=False)
+    fns[FLOOR] = function_floor
     cands = {}
     for name, bn in fns.items():
         step, forward = torch_pair(bn)
