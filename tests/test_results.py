@@ -17,7 +17,8 @@ from bnlib import mnist
 from bnlib.__main__ import main
 from bnlib.results import RESULTS_DIR, load_results
 
-FILES = {"figure1_grid.json": "figure1-grid", "figure1.json": "figure1", "cnn.json": "cnn", "lenet.json": "lenet"}
+FILES = {"figure1_grid.json": "figure1-grid", "figure1.json": "figure1", "cnn.json": "cnn", "lenet.json": "lenet",
+         "ddp.json": "ddp"}
 
 
 def _tolerance(values) -> float:
@@ -98,3 +99,20 @@ def test_lenet_file_first_epoch_reproduces(tmp_path):
     for key in ("baseline", "bn"):
         all_seeds = [h["test_accuracy"][0] for h in file[key]]
         assert abs(live[key][0]["test_accuracy"][0] - all_seeds[0]) <= _tolerance(all_seeds), (key, all_seeds)
+
+
+def test_ddp_file_is_made_by_the_code_defaults_and_its_first_steps_reproduce(tmp_path):
+    from bnlib.ddp import WorkersConfig
+
+    file = load_results("ddp.json")["results"]
+    assert file["config"] == WorkersConfig().as_dict()
+    step, seed = file["steps"][0], file["config"]["seeds"][0]
+    # one process and four real processes (gloo), both BN kinds, the first checkpoint of the first seed
+    live = _run(["ddp", "--workers", "1", "4", "--seeds", str(seed), "--steps", str(step), "--eval-every",
+                 str(step)], tmp_path)
+    rows = {(r["workers"], r["bn"]): r["test_accuracy"] for r in file["rows"]}
+    assert len(live["rows"]) == 3
+    for r in live["rows"]:
+        all_seeds = [curve[0] for curve in rows[r["workers"], r["bn"]]]
+        got = r["test_accuracy"][0][0]
+        assert abs(got - all_seeds[0]) <= _tolerance(all_seeds), (r["workers"], r["bn"], all_seeds, got)
