@@ -50,10 +50,23 @@ def apply_policy(nb) -> list[str]:
             problems += [f"cell {i}: {p}" for p in policy_violations(cell)]
             for out in cell.outputs:
                 out.pop("metadata", None) if out.output_type == "stream" else None
+            cell.outputs = _merge_streams(cell.outputs)
         else:
             cell.outputs = []
             cell.execution_count = None
     return problems
+
+
+def _merge_streams(outputs: list) -> list:
+    """Join consecutive stdout chunks into one output (the kernel flushes a print in pieces on a busy machine)."""
+    merged = []
+    for out in outputs:
+        if merged and out.output_type == "stream" and merged[-1].output_type == "stream" \
+                and merged[-1].name == out.name:
+            merged[-1].text += out.text
+        else:
+            merged.append(out)
+    return merged
 
 
 def refresh(path: Path, timeout: int = 1800) -> None:
