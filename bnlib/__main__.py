@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/lenet.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_lenet)
-    p = sub.add_parser("small-batch", help="a small CNN with no norm, BN, GN, LN, batch renorm at batch sizes 2-64")
+    p = sub.add_parser("small-batch", help="the seed CNN with no norm, BN, GN, LN, batch renorm at batch sizes 2-64")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 2 4 8 16 64")
     p.add_argument("--norms", nargs="+", default=None, choices=["none", "bn", "gn", "ln", "renorm"])
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
