@@ -45,6 +45,7 @@ FIRST = [
     "chapters/appendix_performance.ipynb",
     "chapters/10_why_bn.ipynb",
     "tests/test_torch_bn_compile.py",
+    "tests/test_results.py",
 ]
 
 
