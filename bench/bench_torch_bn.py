@@ -7,7 +7,10 @@ Sizes, side by side in one run:
   (60, 300)          the size the book trains with: the Figure 1 MLP, three seeds batched (``SMALL_SHAPE``)
 Rows, for each size:
   native F.batch_norm        torch's kernel
-  bnlib.torch_bn             ``bnlib.torch_bn.batch_norm`` in eager mode (every line one torch op)
+  bnlib.torch_bn             ``bnlib.torch_bn.batch_norm`` in eager mode: training mode runs its speed path,
+                             ``bnlib.torch_bn_fast`` (the same math in fewer, partly in-place torch ops)
+  bnlib readable Function    the same call with the speed path switched off (``torch_bn_fast.disabled()``):
+                             ``BatchNormFunction``, every line one torch op, as the chapters print it
   bnlib.torch_bn compiled    the same function under ``torch.compile(fullgraph=True)`` (inductor fuses
                              the ops into a few loops); compile time is reported, not timed
   empty autograd.Function    a Function that only copies x forward and passes dy back: the cost of the call
@@ -130,6 +133,15 @@ def function_floor(input, running_mean, running_var, weight=None, bias=None, tra
 
 
 FLOOR = "empty autograd.Function"
+READABLE = "bnlib readable Function"
+
+
+def readable_batch_norm(*args, **kwargs):
+    """``bnlib.torch_bn.batch_norm`` without its speed path: the readable ``BatchNormFunction`` only."""
+    from bnlib import torch_bn, torch_bn_fast
+
+    with torch_bn_fast.disabled():
+        return torch_bn.batch_norm(*args, **kwargs)
 
 
 def _candidates(shape, compiled: bool):
@@ -152,7 +164,8 @@ def _candidates(shape, compiled: bool):
 
         return step, forward
 
-    fns = {"native F.batch_norm": F.batch_norm, "bnlib.torch_bn": torch_bn.batch_norm}
+    fns = {"native F.batch_norm": F.batch_norm, "bnlib.torch_bn": torch_bn.batch_norm,
+           READABLE: readable_batch_norm}
     compile_s = {}
     if compiled:
         if torch.backends.cpu.get_cpu_capability() == "DEFAULT":

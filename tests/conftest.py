@@ -33,6 +33,19 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["fast", "readable"])
+def both_bn_paths(request):
+    """Run the test on both paths of ``bnlib.torch_bn.batch_norm``: its speed path (``bnlib.torch_bn_fast``, what
+    eager training uses) and, with the speed path switched off, the readable ``BatchNormFunction`` alone."""
+    from bnlib import torch_bn_fast
+
+    if request.param == "fast":
+        yield
+    else:
+        with torch_bn_fast.disabled():
+            yield
+
+
 # `make test` runs two xdist workers with --dist loadfile and --no-loadscope-reorder: files are handed out in
 # collection order.  The longest files go first so that neither worker is left with a long file at the end:
 # the book build behind the browser test (every chapter executed once more), then the chapters with the longest

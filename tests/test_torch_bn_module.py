@@ -12,6 +12,10 @@ import torch.nn.functional as F
 from bnlib import torch_bn as tb
 
 
+# every test runs on both paths of batch_norm: the speed path and the readable Function
+pytestmark = pytest.mark.usefixtures("both_bn_paths")
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test draws from a seeded global generator (or from its own torch.Generator)."""

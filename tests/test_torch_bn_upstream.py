@@ -61,7 +61,8 @@ training_p = pytest.mark.parametrize("training", [True, False], ids=["train", "e
 # @modules(module_db) runs each test for module_info.dtypes (floating_types(): float32, float64)
 dtype_p = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# every test runs on both paths of batch_norm: the speed path and the readable Function alone
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "both_bn_paths")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,115 @@
+"""The speed path of :func:`bnlib.torch_bn.batch_norm`: the same training-mode batch norm in fewer operations.
+
+Defined in: chapters/appendix_performance.ipynb (not printed by the chapters: read ``bnlib/torch_bn.py``)
+
+Speed only, not the lesson.  :class:`bnlib.torch_bn.BatchNormFunction` is the batch norm this book teaches,
+one line per equation.  Eager PyTorch pays a few microseconds for every operation and a fresh tensor for
+every line, so on the (60, 300) batches of the MNIST chapter that readable Function costs several times the
+native kernel, and on a 51 MB feature map every new input-sized tensor is memory the operating system maps
+page by page.  :class:`FastBatchNormFunction` computes the same statistics with the same algorithm and the
+same backward formula, and differs only in how the work is spelled:
+
+* ``forward(ctx, ...)`` in one method, the older way of writing a Function.  ``Function.apply`` binds the
+  arguments to ``forward``'s signature with :mod:`inspect` on every call when ``setup_context`` is defined;
+  without it the call costs about half as much.  (torch.func needs ``setup_context``, so it gets the
+  readable Function: see :func:`use_fast_path`.)
+* in-place operations on the tensors it has just created (``d.mul_(k).add_(shift)``), so that a forward
+  and backward pass allocate four input-sized tensors instead of thirteen;
+* per-channel factors folded together before they touch the big tensor (``k = gamma * inv_std``);
+* the running statistics updated inside ``forward``, so that the Function has one output instead of three.
+
+Same math: the corrected two-pass variance of :func:`bnlib.torch_bn._batch_stats` (mean, then the mean of
+the squared deviations, minus the square of their mean), the compact backward
+``dx = gamma*inv_std/m * (m*dy - dbeta - x_hat*dgamma)`` with x_hat recomputed from the saved x, and x plus
+per-channel vectors as the only tensors kept for backward.  When the backward pass is itself differentiated
+(``create_graph=True``), :meth:`FastBatchNormFunction.backward` hands over to the readable backward, which
+recomputes the statistics from x so that second derivatives are right.
+
+``tests/test_torch_bn_upstream.py`` and the other ``tests/test_torch_bn_*.py`` files run every test on both
+paths (:func:`disabled` switches this one off); ``tests/test_torch_bn_fast.py`` compares the two directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from bnlib.torch_bn import BatchNormFunction, _channel_dims
+
+__all__ = ["FastBatchNormFunction", "use_fast_path", "disabled", "ENABLED"]
+
+ENABLED = True  # False: batch_norm always uses the readable Function (see :func:`disabled`)
+
+
+def use_fast_path(input: Tensor, training: bool) -> bool:
+    """True where :class:`FastBatchNormFunction` may stand in for the readable Function.
+
+    Training mode with float32/float64 input (half inputs are computed in float32 by the readable
+    Function), in eager mode only: not while ``torch.compile`` traces (the compiler fuses the readable
+    Function's operations itself), not inside torch.func transforms (vmap, grad, jacrev: they need
+    ``setup_context``, the same test ``Function.apply`` makes) and not while forward-mode AD is on (the
+    readable Function has the ``jvp``).
+    """
+    return (ENABLED and training and not torch.compiler.is_compiling()
+            and input.dtype in (torch.float32, torch.float64)
+            and not torch._C._are_functorch_transforms_active()
+            and torch.autograd.forward_ad._current_level < 0)
+
+
+@contextlib.contextmanager
+def disabled():
+    """``with disabled(): ...`` runs :func:`bnlib.torch_bn.batch_norm` on the readable Function only."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+class FastBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm over dim 1; ``apply(x, weight, bias, running_mean, running_var, momentum, eps)``.
+
+    x: (N, C, *S) float32/float64; weight, bias: (C,) or None; running_mean, running_var: (C,) or None,
+    updated in place (unbiased variance, m = N * prod(S) values per channel).  Returns y, x's shape.
+    Saved for backward: x, weight, mu, var (as the readable Function saves them) and inv_std (C values).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        dims = _channel_dims(x)
+        m = x.numel() // x.shape[1]
+        mu0 = x.mean(dims, keepdim=True)
+        d = x - mu0  # the only input-sized tensor the forward pass allocates: it becomes y
+        d_mean = d.mean(dims, keepdim=True)  # the rounding error of mu0 (corrected two-pass)
+        var = (d * d).mean(dims, keepdim=True).addcmul_(d_mean, d_mean, value=-1)
+        inv_std = var.add(eps).rsqrt_()
+        k = inv_std if weight is None else inv_std * weight.view(inv_std.shape)  # gamma * inv_std
+        shift = -d_mean * k if bias is None else torch.addcmul(bias.view(k.shape), d_mean, k, value=-1)
+        y = d.mul_(k).add_(shift)  # (x - mu0 - d_mean) * inv_std * gamma + beta
+        mu = mu0.add_(d_mean)
+        if running_mean is not None:
+            running_mean.lerp_(mu.view(-1), momentum)
+            running_var.lerp_(var.view(-1) * (m / (m - 1)), momentum)
+        ctx.save_for_backward(x, weight, mu.view(-1), var.view(-1))
+        ctx.training, ctx.eps = True, eps
+        ctx.mu, ctx.inv_std, ctx.k_over_m = mu, inv_std, k / m  # per channel, shaped (1, C, 1, ...)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: the readable backward is twice differentiable
+            return BatchNormFunction.backward(ctx, dy, None, None)
+        x = ctx.saved_tensors[0]
+        dims = _channel_dims(x)
+        x_hat = (x - ctx.mu).mul_(ctx.inv_std)
+        dbeta = dy.sum(dims, keepdim=True)
+        dgamma = (dy * x_hat).sum(dims, keepdim=True)
+        # dx = k/m * (m*dy - dbeta - x_hat*dgamma): the in-place steps act on a tensor of dy's batch shape
+        # (under autograd.grad(is_grads_batched=True) dy carries a batch dim that x_hat does not)
+        dx = torch.addcmul(dbeta, x_hat, dgamma).sub_(dy, alpha=x.numel() // x.shape[1]).mul_(-ctx.k_over_m)
+        need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
+        return (dx if need_x else None, dgamma.view(-1) if need_gamma else None,
+                dbeta.view(-1) if need_beta else None, None, None, None, None)
