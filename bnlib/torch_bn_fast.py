@@ -14,7 +14,7 @@ same backward formula, and differs only in how the work is spelled:
   without it the call costs about half as much.  (torch.func needs ``setup_context``, so it gets the
   readable Function: see :func:`use_fast_path`.)
 * in-place operations on the tensors it has just created (``d.mul_(k).add_(shift)``), so that a forward
-  and backward pass allocate four input-sized tensors instead of thirteen;
+  and backward pass allocate five input-sized tensors instead of fourteen;
 * per-channel factors folded together before they touch the big tensor (``k = gamma * inv_std``);
 * the running statistics updated inside ``forward``, so that the Function has one output instead of three.
 

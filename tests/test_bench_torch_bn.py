@@ -16,7 +16,7 @@ def test_bench_runs_and_reports_saved_bytes():
     rows = mod.main(quick=True, shape=shape, small_shape=small, compiled=False)  # compile: test_torch_bn_compile.py
     assert torch.get_num_threads() == threads
     names = [r["name"] for r in rows]
-    assert names[:2] == ["native F.batch_norm fwd+bwd", "bnlib.torch_bn fwd+bwd"]
+    assert names[:3] == ["native F.batch_norm fwd+bwd", "bnlib.torch_bn fwd+bwd", f"{mod.READABLE} fwd+bwd"]
     assert "bnlib.torch_bn fwd+bwd (6, 5)" in names and "bnlib.torch_bn fwd (6, 5)" in names
     floor = next(r for r in rows if r["name"] == f"{mod.FLOOR} fwd+bwd (6, 5)")
     assert floor["saved_bytes"] == 0 and floor["median_ms"] > 0  # the copy saves nothing for backward
