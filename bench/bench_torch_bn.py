@@ -14,7 +14,9 @@ Rows, for each size:
   bnlib.torch_bn compiled    the same function under ``torch.compile(fullgraph=True)`` (inductor fuses
                              the ops into a few loops); compile time is reported, not timed
   empty autograd.Function    a Function that only copies x forward and passes dy back: the cost of the call
-                             alone, which any Python-level Function pays (``function_floor``)
+                             alone, which a Function with ``setup_context`` pays (``function_floor``)
+  empty ..., forward(ctx)    the same written with ``forward(ctx, ...)`` and no ``setup_context``, as the speed
+                             path is (``function_floor_ctx``)
   numpy bnlib.numpy_bn       ``batch_norm_forward`` then ``batch_norm_backward``
 fwd+bwd rows time the forward and ``torch.autograd.grad`` of (x, weight, bias); for the small size the
 forward alone is timed too.  Candidates are timed interleaved (round-robin, one sample each per round)
@@ -91,6 +93,38 @@ def aten_ops(bn, shape=SMALL_SHAPE) -> tuple[int, int]:
     return forward, Count.n
 
 
+def input_sized_allocations(bn, shape=SMALL_SHAPE) -> tuple[int, int]:
+    """(forward, forward + backward): how many operations of ``bn`` return a new tensor of the input's size.
+
+    In-place operations and views are not counted: they write into memory that exists already.  Training mode,
+    float32, running buffers given, weight and bias requiring grad; ``bn`` has the signature of ``F.batch_norm``.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    gen = torch.Generator().manual_seed(0)
+    C = shape[1]
+    x = torch.randn(shape, generator=gen).requires_grad_()
+    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    dy = torch.randn(shape, generator=gen)
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            fresh = not name.endswith("_") and name not in ("view", "detach", "alias", "_unsafe_view")
+            Count.n += fresh and sum(isinstance(t, torch.Tensor) and t.numel() == x.numel() for t in tree_leaves(out))
+            return out
+
+    with Count():
+        y = bn(x, torch.zeros(C), torch.ones(C), w, b, True, 0.1, 1e-5)
+        forward = Count.n
+        torch.autograd.grad(y, (x, w, b), dy)
+    return forward, Count.n
+
+
 def _numpy_saved_bytes(cache) -> int:
     import numpy as np
 
@@ -110,8 +144,8 @@ def _numpy_saved_bytes(cache) -> int:
 
 
 class _CopyFunction(torch.autograd.Function):
-    """The floor of every ``autograd.Function`` with ``setup_context``: forward copies x, backward passes dy on.
-    What any Python-level BN Function pays before it does any batch-norm arithmetic."""
+    """The floor of every ``autograd.Function`` with ``setup_context`` (as ``BatchNormFunction``): forward copies x,
+    backward passes dy on.  What such a Function pays before it does any batch-norm arithmetic."""
 
     @staticmethod
     def forward(x, weight, bias):
@@ -126,13 +160,33 @@ class _CopyFunction(torch.autograd.Function):
         return dy, None, None
 
 
+class _CopyFunctionCtx(torch.autograd.Function):
+    """:class:`_CopyFunction` written with ``forward(ctx, ...)`` and no ``setup_context`` (as
+    ``FastBatchNormFunction``): ``Function.apply`` then skips binding the arguments with ``inspect``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None, None
+
+
 def function_floor(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                    eps=1e-5):
     """``F.batch_norm``'s signature around :class:`_CopyFunction` (no normalisation at all)."""
     return _CopyFunction.apply(input, weight, bias)
 
 
+def function_floor_ctx(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                       eps=1e-5):
+    """``F.batch_norm``'s signature around :class:`_CopyFunctionCtx` (no normalisation at all)."""
+    return _CopyFunctionCtx.apply(input, weight, bias)
+
+
 FLOOR = "empty autograd.Function"
+FLOOR_CTX = "empty autograd.Function, forward(ctx)"
 READABLE = "bnlib readable Function"
 
 
@@ -176,6 +230,7 @@ def _candidates(shape, compiled: bool):
             inductor_config.cpp.vec_isa_ok = False
         fns["bnlib.torch_bn compiled"] = torch.compile(torch_bn.batch_norm, fullgraph=True, dynamic=False)
     fns[FLOOR] = function_floor
+    fns[FLOOR_CTX] = function_floor_ctx
     cands = {}
     for name, bn in fns.items():
         step, forward = torch_pair(bn)

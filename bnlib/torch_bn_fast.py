@@ -1,6 +1,7 @@
 """The speed path of :func:`bnlib.torch_bn.batch_norm`: the same training-mode batch norm in fewer operations.
 
-Defined in: chapters/appendix_performance.ipynb (not printed by the chapters: read ``bnlib/torch_bn.py``)
+Defined in: chapters/06_bn_pytorch.ipynb (its last section; not printed there: the chapters print
+``bnlib/torch_bn.py``), measured in chapters/appendix_performance.ipynb
 
 Speed only, not the lesson.  :class:`bnlib.torch_bn.BatchNormFunction` is the batch norm this book teaches,
 one line per equation.  Eager PyTorch pays a few microseconds for every operation and a fresh tensor for
@@ -11,8 +12,8 @@ same backward formula, and differs only in how the work is spelled:
 
 * ``forward(ctx, ...)`` in one method, the older way of writing a Function.  ``Function.apply`` binds the
   arguments to ``forward``'s signature with :mod:`inspect` on every call when ``setup_context`` is defined;
-  without it the call costs about half as much.  (torch.func needs ``setup_context``, so it gets the
-  readable Function: see :func:`use_fast_path`.)
+  without it the call itself is cheaper (``bench/bench_torch_bn.py`` times both forms of an empty Function).
+  torch.func needs ``setup_context``, so it gets the readable Function: see :func:`use_fast_path`.
 * in-place operations on the tensors it has just created (``d.mul_(k).add_(shift)``), so that a forward
   and backward pass allocate five input-sized tensors instead of fourteen;
 * per-channel factors folded together before they touch the big tensor (``k = gamma * inv_std``);
@@ -74,7 +75,7 @@ class FastBatchNormFunction(torch.autograd.Function):
 
     x: (N, C, *S) float32/float64; weight, bias: (C,) or None; running_mean, running_var: (C,) or None,
     updated in place (unbiased variance, m = N * prod(S) values per channel).  Returns y, x's shape.
-    Saved for backward: x, weight, mu, var (as the readable Function saves them) and inv_std (C values).
+    Saved for backward: x and weight, and per channel mu, inv_std and gamma * inv_std / m.
     """
 
     @staticmethod
@@ -93,7 +94,9 @@ class FastBatchNormFunction(torch.autograd.Function):
         if running_mean is not None:
             running_mean.lerp_(mu.view(-1), momentum)
             running_var.lerp_(var.view(-1) * (m / (m - 1)), momentum)
-        ctx.save_for_backward(x, weight, mu.view(-1), var.view(-1))
+        # the slots of the readable Function's (x, weight, mu, var): its backward, used for second derivatives,
+        # recomputes mu and var from x, so only x and weight are saved
+        ctx.save_for_backward(x, weight, None, None)
         ctx.training, ctx.eps = True, eps
         ctx.mu, ctx.inv_std, ctx.k_over_m = mu, inv_std, k / m  # per channel, shaped (1, C, 1, ...)
         return y
