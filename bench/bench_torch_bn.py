@@ -113,8 +113,7 @@ def input_sized_allocations(bn, shape=SMALL_SHAPE) -> tuple[int, int]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            name = func.overloadpacket.__name__
-            fresh = not name.endswith("_") and name not in ("view", "detach", "alias", "_unsafe_view")
+            fresh = all(r.alias_info is None for r in func._schema.returns)  # not in place, not a view
             Count.n += fresh and sum(isinstance(t, torch.Tensor) and t.numel() == x.numel() for t in tree_leaves(out))
             return out
 

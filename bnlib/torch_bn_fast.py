@@ -7,7 +7,7 @@ Speed only, not the lesson.  :class:`bnlib.torch_bn.BatchNormFunction` is the ba
 one line per equation.  Eager PyTorch pays a few microseconds for every operation and a fresh tensor for
 every line, so on the (60, 300) batches of the MNIST chapter that readable Function costs several times the
 native kernel, and on a 51 MB feature map every new input-sized tensor is memory the operating system maps
-page by page.  :class:`FastBatchNormFunction` computes the same statistics with the same algorithm and the
+page by page (glibc on Linux).  :class:`FastBatchNormFunction` computes the same statistics with the same algorithm and the
 same backward formula, and differs only in how the work is spelled:
 
 * ``forward(ctx, ...)`` in one method, the older way of writing a Function.  ``Function.apply`` binds the
@@ -26,7 +26,7 @@ per-channel vectors as the only tensors kept for backward.  When the backward pa
 (``create_graph=True``), :meth:`FastBatchNormFunction.backward` hands over to the readable backward, which
 recomputes the statistics from x so that second derivatives are right.
 
-``tests/test_torch_bn_upstream.py`` and the other ``tests/test_torch_bn_*.py`` files run every test on both
+``tests/test_torch_bn_upstream.py``, ``_grad.py``, ``_module.py`` and ``_parity.py`` run every test on both
 paths (:func:`disabled` switches this one off); ``tests/test_torch_bn_fast.py`` compares the two directly.
 """
 
@@ -37,7 +37,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from bnlib.torch_bn import BatchNormFunction, _channel_dims
+from bnlib.torch_bn import _VMAP_UNBATCHED_BUFFERS, BatchNormFunction, _channel_dims
 
 __all__ = ["FastBatchNormFunction", "use_fast_path", "disabled", "ENABLED"]
 
@@ -75,7 +75,7 @@ class FastBatchNormFunction(torch.autograd.Function):
 
     x: (N, C, *S) float32/float64; weight, bias: (C,) or None; running_mean, running_var: (C,) or None,
     updated in place (unbiased variance, m = N * prod(S) values per channel).  Returns y, x's shape.
-    Saved for backward: x and weight, and per channel mu, inv_std and gamma * inv_std / m.
+    Saved for backward: x, weight, and per channel mu, inv_std and gamma * inv_std / m.
     """
 
     @staticmethod
@@ -83,7 +83,7 @@ class FastBatchNormFunction(torch.autograd.Function):
         dims = _channel_dims(x)
         m = x.numel() // x.shape[1]
         mu0 = x.mean(dims, keepdim=True)
-        d = x - mu0  # the only input-sized tensor the forward pass allocates: it becomes y
+        d = x - mu0  # becomes y, in place
         d_mean = d.mean(dims, keepdim=True)  # the rounding error of mu0 (corrected two-pass)
         var = (d * d).mean(dims, keepdim=True).addcmul_(d_mean, d_mean, value=-1)
         inv_std = var.add(eps).rsqrt_()
@@ -92,27 +92,37 @@ class FastBatchNormFunction(torch.autograd.Function):
         y = d.mul_(k).add_(shift)  # (x - mu0 - d_mean) * inv_std * gamma + beta
         mu = mu0.add_(d_mean)
         if running_mean is not None:
-            running_mean.lerp_(mu.view(-1), momentum)
-            running_var.lerp_(var.view(-1) * (m / (m - 1)), momentum)
-        # the slots of the readable Function's (x, weight, mu, var): its backward, used for second derivatives,
-        # recomputes mu and var from x, so only x and weight are saved
-        ctx.save_for_backward(x, weight, None, None)
-        ctx.training, ctx.eps = True, eps
-        ctx.mu, ctx.inv_std, ctx.k_over_m = mu, inv_std, k / m  # per channel, shaped (1, C, 1, ...)
+            try:
+                running_mean.lerp_(mu.view(-1), momentum)
+                running_var.lerp_(var.view(-1) * (m / (m - 1)), momentum)
+            except RuntimeError as e:  # legacy vmap over the input but not over the buffers
+                raise RuntimeError(_VMAP_UNBATCHED_BUFFERS) from e
+        ctx.save_for_backward(x, weight, mu, inv_std, k / m)  # per channel: shaped (1, C, 1, ...)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
+        x, weight, mu, inv_std, k_over_m = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the readable backward is twice differentiable
-            return BatchNormFunction.backward(ctx, dy, None, None)
-        x = ctx.saved_tensors[0]
+            return BatchNormFunction.backward(_ReadableCtx(ctx, x, weight), dy, None, None)
         dims = _channel_dims(x)
-        x_hat = (x - ctx.mu).mul_(ctx.inv_std)
+        x_hat = (x - mu).mul_(inv_std)
         dbeta = dy.sum(dims, keepdim=True)
         dgamma = (dy * x_hat).sum(dims, keepdim=True)
-        # dx = k/m * (m*dy - dbeta - x_hat*dgamma): the in-place steps act on a tensor of dy's batch shape
-        # (under autograd.grad(is_grads_batched=True) dy carries a batch dim that x_hat does not)
-        dx = torch.addcmul(dbeta, x_hat, dgamma).sub_(dy, alpha=x.numel() // x.shape[1]).mul_(-ctx.k_over_m)
         need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
-        return (dx if need_x else None, dgamma.view(-1) if need_gamma else None,
+        dx = None
+        if need_x:  # dx = k/m * (m*dy - dbeta - x_hat*dgamma), in place on a tensor of dy's batch shape
+            # (under autograd.grad(is_grads_batched=True) dy carries a batch dim that x_hat does not)
+            dx = torch.addcmul(dbeta, x_hat, dgamma).sub_(dy, alpha=x.numel() // x.shape[1]).mul_(-k_over_m)
+        return (dx, dgamma.view(-1) if need_gamma else None,
                 dbeta.view(-1) if need_beta else None, None, None, None, None)
+
+
+class _ReadableCtx:
+    """What :meth:`BatchNormFunction.backward` reads from its ctx, for a call from the speed path.  Its saved mu
+    and var are not needed: when the backward is differentiated it recomputes both from x."""
+
+    def __init__(self, ctx, x, weight):
+        self.saved_tensors = (x, weight, None, None)
+        self.training, self.eps, self.needs_input_grad = True, ctx.eps, ctx.needs_input_grad
