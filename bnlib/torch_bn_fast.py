@@ -7,21 +7,25 @@ Speed only, not the lesson.  :class:`bnlib.torch_bn.BatchNormFunction` is the ba
 one line per equation.  Eager PyTorch pays a few microseconds for every operation and a fresh tensor for
 every line, so on the (60, 300) batches of the MNIST chapter that readable Function costs several times the
 native kernel, and on a 51 MB feature map every new input-sized tensor is memory the operating system maps
-page by page (glibc on Linux).  :class:`FastBatchNormFunction` computes the same statistics with the same algorithm and the
-same backward formula, and differs only in how the work is spelled:
+page by page (glibc on Linux).  :class:`FastBatchNormFunction` computes the same statistics with the same
+algorithm and the same backward formula, and differs only in how the work is spelled:
 
 * ``forward(ctx, ...)`` in one method, the older way of writing a Function.  ``Function.apply`` binds the
   arguments to ``forward``'s signature with :mod:`inspect` on every call when ``setup_context`` is defined;
   without it the call itself is cheaper (``bench/bench_torch_bn.py`` times both forms of an empty Function).
   torch.func needs ``setup_context``, so it gets the readable Function: see :func:`use_fast_path`.
-* in-place operations on the tensors it has just created (``d.mul_(k).add_(shift)``), so that a forward
-  and backward pass allocate five input-sized tensors instead of fourteen;
-* per-channel factors folded together before they touch the big tensor (``k = gamma * inv_std``);
+* fewer passes over the big tensor, in memory it has just created: y = d * k + shift is one ``addcmul``
+  written over d's square once its mean is taken, and the backward's dx is one ``addcmul`` on a fresh tensor
+  that the next two lines update in place, so that a forward and backward pass allocate five input-sized
+  tensors instead of fourteen;
+* per-channel factors folded together before they touch the big tensor (``k = gamma * inv_std``), and
+  kept as (C,) vectors, which broadcast against an (N, C) input without a view;
 * the running statistics updated inside ``forward``, so that the Function has one output instead of three.
 
 Same math: the corrected two-pass variance of :func:`bnlib.torch_bn._batch_stats` (mean, then the mean of
 the squared deviations, minus the square of their mean), the compact backward
-``dx = gamma*inv_std/m * (m*dy - dbeta - x_hat*dgamma)`` with x_hat recomputed from the saved x, and x plus
+``dx = gamma*inv_std * (dy - dbeta/m - x_hat*dgamma/m)`` with x_hat = (x - mu) * inv_std recomputed from the
+saved x (its inv_std folded into the per-channel factors), and x plus
 per-channel vectors as the only tensors kept for backward.  When the backward pass is itself differentiated
 (``create_graph=True``), :meth:`FastBatchNormFunction.backward` hands over to the readable backward, which
 recomputes the statistics from x so that second derivatives are right.
@@ -75,48 +79,57 @@ class FastBatchNormFunction(torch.autograd.Function):
 
     x: (N, C, *S) float32/float64; weight, bias: (C,) or None; running_mean, running_var: (C,) or None,
     updated in place (unbiased variance, m = N * prod(S) values per channel).  Returns y, x's shape.
-    Saved for backward: x, weight, and per channel mu, inv_std and gamma * inv_std / m.
+    Saved for backward: x, weight, and per channel mu, inv_std and k = gamma * inv_std.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        dims = _channel_dims(x)
-        m = x.numel() // x.shape[1]
-        mu0 = x.mean(dims, keepdim=True)
-        d = x - mu0  # becomes y, in place
-        d_mean = d.mean(dims, keepdim=True)  # the rounding error of mu0 (corrected two-pass)
-        var = (d * d).mean(dims, keepdim=True).addcmul_(d_mean, d_mean, value=-1)
+        dims, m, c = _channel_dims(x), x.numel() // x.shape[1], _broadcast(x)
+        mu0 = x.mean(dims)
+        d = x - c(mu0)
+        d_mean = d.mean(dims)  # the rounding error of mu0 (corrected two-pass)
+        d2 = d * d  # becomes y, in place
+        var = d2.mean(dims).addcmul_(d_mean, d_mean, value=-1)
         inv_std = var.add(eps).rsqrt_()
-        k = inv_std if weight is None else inv_std * weight.view(inv_std.shape)  # gamma * inv_std
-        shift = -d_mean * k if bias is None else torch.addcmul(bias.view(k.shape), d_mean, k, value=-1)
-        y = d.mul_(k).add_(shift)  # (x - mu0 - d_mean) * inv_std * gamma + beta
+        k = inv_std if weight is None else inv_std * weight  # gamma * inv_std
+        shift = -d_mean * k if bias is None else torch.addcmul(bias, d_mean, k, value=-1)
+        y = torch.addcmul(c(shift), d, c(k), out=d2)  # (x - mu0 - d_mean) * inv_std * gamma + beta
         mu = mu0.add_(d_mean)
         if running_mean is not None:
             try:
-                running_mean.lerp_(mu.view(-1), momentum)
-                running_var.lerp_(var.view(-1) * (m / (m - 1)), momentum)
+                running_mean.lerp_(mu, momentum)
+                running_var.lerp_(var * (m / (m - 1)), momentum)
             except RuntimeError as e:  # legacy vmap over the input but not over the buffers
                 raise RuntimeError(_VMAP_UNBATCHED_BUFFERS) from e
-        ctx.save_for_backward(x, weight, mu, inv_std, k / m)  # per channel: shaped (1, C, 1, ...)
+        ctx.save_for_backward(x, weight, mu, inv_std, k)
         ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mu, inv_std, k_over_m = ctx.saved_tensors
+        x, weight, mu, inv_std, k = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the readable backward is twice differentiable
             return BatchNormFunction.backward(_ReadableCtx(ctx, x, weight), dy, None, None)
-        dims = _channel_dims(x)
-        x_hat = (x - mu).mul_(inv_std)
-        dbeta = dy.sum(dims, keepdim=True)
-        dgamma = (dy * x_hat).sum(dims, keepdim=True)
+        dims, m, c = _channel_dims(x), x.numel() // x.shape[1], _broadcast(x)
+        x_centered = x - c(mu)  # x_hat / inv_std
+        dbeta = dy.sum(dims)
+        dgamma = (dy * x_centered).sum(dims).mul_(inv_std)
         need_x, need_gamma, need_beta = ctx.needs_input_grad[:3]
         dx = None
-        if need_x:  # dx = k/m * (m*dy - dbeta - x_hat*dgamma), in place on a tensor of dy's batch shape
-            # (under autograd.grad(is_grads_batched=True) dy carries a batch dim that x_hat does not)
-            dx = torch.addcmul(dbeta, x_hat, dgamma).sub_(dy, alpha=x.numel() // x.shape[1]).mul_(-k_over_m)
-        return (dx, dgamma.view(-1) if need_gamma else None,
-                dbeta.view(-1) if need_beta else None, None, None, None, None)
+        if need_x:  # dx = k * (dy - dbeta/m - x_hat*dgamma/m), on a fresh tensor of dy's batch shape
+            # (under autograd.grad(is_grads_batched=True) dy carries a batch dim that x does not)
+            dx = torch.addcmul(dy, x_centered, c(dgamma * inv_std), value=-1 / m)
+            dx = dx.add_(c(dbeta), alpha=-1 / m).mul_(c(k))
+        return (dx, dgamma if need_gamma else None, dbeta if need_beta else None, None, None, None, None)
+
+
+def _broadcast(x: Tensor):
+    """A function that shapes a per-channel (C,) vector to broadcast against x: (C, 1, ..., 1), or (C,) itself
+    when x is (N, C) (a view costs a microsecond or two, as much as a small operation)."""
+    if x.dim() == 2:
+        return lambda t: t
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    return lambda t: t.view(shape)
 
 
 class _ReadableCtx:
