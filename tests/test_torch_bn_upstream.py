@@ -8,7 +8,16 @@
 
 Each port cites its upstream test.  Upstream's ``TestCase.assertEqual`` is ``torch.testing.assert_close``
 here (the same dtype-based default tolerances); upstream seeds every test in ``setUp``, here an autouse
-fixture does.  Devices: cpu always, cuda when ``torch.cuda.is_available()``.
+fixture does.  Devices: cpu always, cuda when ``torch.cuda.is_available()`` (CUDA-only ports are generated
+only then).  Every test runs on both paths of ``batch_norm`` (the ``both_bn_paths`` fixture, tests/conftest.py).
+
+Not ported, and why:
+* cuDNN/CUDA-against-CPU backend comparisons: they need CUDA;
+* the SyncBatchNorm tests: upstream's need CUDA and NCCL (``bnlib.sync_bn`` is tested on gloo in
+  ``tests/test_sync_bn.py``);
+* ``test_check_inplace``: bnlib's modules have no ``inplace`` argument, as torch's BatchNorm has none;
+* AOT/functorch fusion tests: they test torch's compiler passes, not the module;
+* ``common_nn``'s ``NewModuleTest`` entries: the same inputs as ``module_db``'s, already run above.
 
 ``torch.testing._internal.common_utils`` imports ``expecttest`` (a test-only dependency of PyTorch that this
 project does not install); a stub module stands in for it, and the global ``torch.backends`` flag switch
