@@ -88,7 +88,7 @@ class FastBatchNormFunction(torch.autograd.Function):
         mu0 = x.mean(dims)
         d = x - c(mu0)
         d_mean = d.mean(dims)  # the rounding error of mu0 (corrected two-pass)
-        d2 = d * d  # becomes y, in place
+        d2 = d * d  # its memory receives y below
         var = d2.mean(dims).addcmul_(d_mean, d_mean, value=-1)
         inv_std = var.add(eps).rsqrt_()
         k = inv_std if weight is None else inv_std * weight  # gamma * inv_std

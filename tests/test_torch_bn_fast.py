@@ -6,10 +6,12 @@ Expected values come from the readable Function (``torch_bn_fast.disabled()``), 
 from float64.  The other ``tests/test_torch_bn_*.py`` files run all their tests on both paths as well.
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bnlib import torch_bn as tb
 from bnlib import torch_bn_fast as tf
@@ -89,11 +91,13 @@ CASES = [((8, 5), None), ((4, 5, 3), None), ((3, 5, 4, 2), None), ((3, 5, 4, 2),
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("params", ["weight+bias", "weight", "bias", "none"])
 @pytest.mark.parametrize("buffers", [True, False], ids=["buffers", "no-buffers"])
 @pytest.mark.parametrize("shape, memory_format", CASES, ids=lambda c: str(c))
-def test_speed_path_computes_what_the_readable_function_computes(shape, memory_format, dtype, affine, buffers):
-    args = _inputs(shape, dtype, affine, buffers, memory_format)
+def test_speed_path_computes_what_the_readable_function_computes(shape, memory_format, dtype, params, buffers):
+    # every combination of weight and bias: each takes its own branch for k and shift
+    x, w, b, rm, rv, dy = _inputs(shape, dtype, True, buffers, memory_format)
+    args = (x, w if "weight" in params else None, b if "bias" in params else None, rm, rv, dy)
     y, name, rm, rv, grads = _forward_backward(*args)
     with tf.disabled():
         y_ref, name_ref, rm_ref, rv_ref, grads_ref = _forward_backward(*args)
@@ -148,42 +152,23 @@ def test_batched_gradients_equal_one_at_a_time():
             torch.testing.assert_close(g_b[i], g, rtol=1e-12, atol=1e-12)
 
 
-class _InputSized(TorchDispatchMode):
-    """Counts the operations that return a new tensor of the input's size (in-place, out= and view ops excluded:
-    their schema marks the returned tensor as an alias of an argument)."""
-
-    def __init__(self, numel):
-        super().__init__()
-        self.numel, self.ops = numel, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        fresh = all(r.alias_info is None for r in func._schema.returns)
-        if fresh and isinstance(out, torch.Tensor) and out.numel() == self.numel:
-            self.ops.append(func.overloadpacket.__name__)
-        return out
-
-
-def _allocations(shape):
-    x, w, b, rm, rv, dy = _inputs(shape)
-    x.requires_grad_()
-    w.requires_grad_()
-    b.requires_grad_()
-    with _InputSized(x.numel()) as fwd:
-        y = tb.batch_norm(x, rm, rv, w, b, True)
-    with _InputSized(x.numel()) as bwd:
-        torch.autograd.grad(y, (x, w, b), dy)
-    return fwd.ops, bwd.ops
+def _bench():
+    """``bench/bench_torch_bn.py`` as a module: its ``input_sized_allocations`` is the counter the appendix prints."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_torch_bn.py"
+    spec = importlib.util.spec_from_file_location("bench_torch_bn", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.mark.parametrize("shape", [(16, 6), (4, 6, 5, 5)], ids=str)
 def test_speed_path_allocates_five_input_sized_tensors(shape):
-    # forward: d = x - mu0 and its square, which becomes y; backward: x - mu, dy * (x - mu), and dx
-    fwd, bwd = _allocations(shape)
-    assert (len(fwd), len(bwd)) == (2, 3), (fwd, bwd)
-    with tf.disabled():
-        fwd_r, bwd_r = _allocations(shape)
-    assert len(fwd_r) + len(bwd_r) >= 10, (fwd_r, bwd_r)  # one per line of the readable Function
+    # forward: d = x - mu0 and its square, which y overwrites; backward: x - mu, dy * (x - mu), and dx
+    bench = _bench()
+    assert bench.input_sized_allocations(tb.batch_norm, shape) == (2, 5)
+    fwd_r, total_r = bench.input_sized_allocations(bench.readable_batch_norm, shape)
+    assert total_r >= 10, (fwd_r, total_r)  # one per line of the readable Function
+    assert bench.input_sized_allocations(F.batch_norm, shape) == (1, 2)  # the counter sees torch's y and dx
 
 
 def test_float32_statistics_stay_accurate_when_the_mean_is_large():
