@@ -35,6 +35,7 @@ __all__ = [
     "batch_indices",
     "Figure1Config",
     "PAPER_FIGURE1",
+    "figure1_step",
     "run_figure1",
     "figure1",
     "accuracy_at",
@@ -143,6 +144,23 @@ def _evaluate_mlp(model: BatchedMLP, x: torch.Tensor, y: torch.Tensor, cfg: Figu
     return acc.tolist(), perc.tolist()
 
 
+def figure1_step(model: BatchedMLP, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+                 lr: torch.Tensor) -> None:
+    """One training step of :func:`run_figure1`: forward, each network's mean loss weighted by its rate, backward,
+    SGD step (``opt`` has rate 1).  xb: (S, B, 784) inputs, yb: (S, B) labels, lr: (S,) rates.
+
+    Defined in: chapters/07_mnist.ipynb (timed in chapters/appendix_performance.ipynb)
+    """
+    S, B = yb.shape
+    logits = model(xb)  # (S, B, 10)
+    loss_per_net = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1),
+                                   reduction="none").reshape(S, B).mean(1)  # (S,)
+    loss = (lr * loss_per_net).sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def run_figure1(bn: bool, seeds=(0, 1, 2), config: Figure1Config | None = None, data=None,
                 progress: bool = True, bn_layer: type | None = None, root=None,
                 init_stds: list[float] | None = None, lrs: list[float] | None = None) -> dict:
@@ -176,13 +194,7 @@ def run_figure1(bn: bool, seeds=(0, 1, 2), config: Figure1Config | None = None, 
     batches = batch_indices(xtr.shape[0], B, seeds, cfg.steps)
     bar = progress_bar(batches, total=cfg.steps, desc="BN      " if bn else "baseline", progress=progress)
     for step, idx in enumerate(bar, start=1):
-        logits = model(xtr[idx])  # (S, B, 10)
-        loss_per_net = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ytr[idx].reshape(-1),
-                                       reduction="none").reshape(S, B).mean(1)  # (S,)
-        loss = (lr * loss_per_net).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        figure1_step(model, opt, xtr[idx], ytr[idx], lr)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             a, p = _evaluate_mlp(model, xte, yte, cfg)
             steps_logged.append(step), accs.append(a), percs.append(p)
