@@ -11,11 +11,15 @@ a batch of 60 per seed, so every BN layer sees a (60, 300) batch), forward, back
   bnlib, readable Function     the same layer with the speed path switched off (``torch_bn_fast.disabled()``)
 Inputs are random binary images and random labels: the time of a step does not depend on the values.
 Candidates are timed interleaved (round-robin) with the calling thread's CPU time (``time.thread_time``) under
-``torch.set_num_threads(1)`` (the MNIST chapter's setting); medians are reported.  "BN share" is a step's time
-minus the no-BN step's: what the three BN layers (and their parameters' updates) cost.
+``torch.set_num_threads(1)`` (the MNIST chapter's setting); medians are reported.  "BN share" is the median over
+rounds of a step's time minus the no-BN step's time in the same round: the three BN layers with everything around
+them that the layer benchmark leaves out (the modules' Python ``forward``, the running-statistics updates, the
+reshapes of ``BatchedMLP._norm``, the updates of gamma and beta), less the hidden layers' biases, which the
+baseline network has and the BN network drops.
 
 Usage: ``python bench/bench_train_step.py [--quick]``; ``main(quick=False)`` returns the rows as a list of dicts
-with keys name, ms_per_step, ratio_to_torch, bn_share_ms, steps, repeats.
+with keys name, ms_per_step, ratio_to_torch, bn_share_ms, minus_torch_ms (the median over rounds of the step's
+time minus the step with torch's BN), steps, repeats.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ NO_BN, TORCH, BNLIB, READABLE = ("no BN", "torch.nn.BatchNorm1d", "bnlib BatchNo
 
 
 def _steps() -> dict:
-    """{name: a function that runs one training step} for the four networks, on one fixed random batch."""
+    """{name: (a function that runs one training step, a function that restores the network's initial state)}
+    for the four networks, on one fixed random batch."""
     from bnlib import torch_bn, torch_bn_fast
     from bnlib.mnist import figure1_step
     from bnlib.models import BatchedMLP
@@ -50,6 +55,10 @@ def _steps() -> dict:
     def make(bn: bool, layer, readable: bool = False):
         model = BatchedMLP(SEEDS, bn=bn, bn_layer=layer)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def reset():  # every timed round starts from the same weights (training changes what the kernels see)
+            model.load_state_dict(initial)
 
         def step():
             if readable:
@@ -58,25 +67,30 @@ def _steps() -> dict:
             else:
                 figure1_step(model, opt, xb, yb, lr)
 
-        return step
+        return step, reset
 
     return {NO_BN: make(False, None), TORCH: make(True, torch.nn.BatchNorm1d),
             BNLIB: make(True, torch_bn.BatchNorm1d), READABLE: make(True, torch_bn.BatchNorm1d, readable=True)}
 
 
-def main(quick: bool = False) -> list[dict]:
-    """Median CPU time per training step of each network (1 thread); returns the rows."""
+def main(quick: bool = False, number: int | None = None, repeats: int | None = None) -> list[dict]:
+    """Median CPU time per training step of each network (1 thread); returns the rows.
+
+    ``repeats`` rounds of ``number`` steps per network (default 7 x 40 in quick mode, 15 x 200 otherwise).
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         steps = _steps()
-        number, repeats = (40, 7) if quick else (200, 15)
-        for step in steps.values():  # warm-up
+        number = number or (40 if quick else 200)
+        repeats = repeats or (7 if quick else 15)
+        for step, _ in steps.values():  # warm-up
             for _ in range(10):
                 step()
         times = {name: [] for name in steps}
         for _ in range(repeats):
-            for name, step in steps.items():
+            for name, (step, reset) in steps.items():
+                reset()
                 t0 = time.thread_time()
                 for _ in range(number):
                     step()
@@ -84,8 +98,12 @@ def main(quick: bool = False) -> list[dict]:
     finally:
         torch.set_num_threads(threads)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    return [{"name": name, "ms_per_step": ms, "ratio_to_torch": ms / med[TORCH], "bn_share_ms": ms - med[NO_BN],
-             "steps": number, "repeats": repeats} for name, ms in med.items()]
+    # differences paired by round, so that load that slows one round slows both terms of each difference
+    def paired(name, other):  # median over rounds of name's time minus other's
+        return statistics.median(a - b for a, b in zip(times[name], times[other])) * 1e3
+
+    return [{"name": name, "ms_per_step": ms, "ratio_to_torch": ms / med[TORCH], "bn_share_ms": paired(name, NO_BN),
+             "minus_torch_ms": paired(name, TORCH), "steps": number, "repeats": repeats} for name, ms in med.items()]
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -93,11 +111,12 @@ def to_markdown(rows: list[dict]) -> str:
     lines = [f"Figure 1 MLP, three seeds batched ({BATCH} images each), one SGD step; CPU time, 1 thread; medians "
              f"of {rows[0]['repeats']} interleaved samples of {rows[0]['steps']} steps",
              "",
-             "| network | ms per step | ratio to torch's BN | BN share, ms |",
-             "|---|---|---|---|"]
+             "| network | ms per step | ratio to the step with torch's BN | BN share, ms | minus torch's BN step, ms |",
+             "|---|---|---|---|---|"]
     for r in rows:
         share = "" if r["name"] == NO_BN else f"{r['bn_share_ms']:.2f}"
-        lines.append(f"| {r['name']} | {r['ms_per_step']:.2f} | {r['ratio_to_torch']:.2f} | {share} |")
+        lines.append(f"| {r['name']} | {r['ms_per_step']:.2f} | {r['ratio_to_torch']:.2f} | {share} "
+                     f"| {r['minus_torch_ms']:+.2f} |")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bnlib import torch_bn_fast
+from bnlib import torch_bn, torch_bn_fast
 
 
 def _bench():
@@ -19,34 +19,35 @@ def _bench():
 
 def test_each_row_runs_its_own_batch_norm(monkeypatch):
     mod = _bench()
-    calls = {"native": 0, "speed path": 0}
-    native, fast = F.batch_norm, torch_bn_fast.FastBatchNormFunction.apply
+    calls = dict.fromkeys(("native", "speed path", "readable"), 0)
 
-    def counted_native(*args, **kwargs):
-        calls["native"] += 1
-        return native(*args, **kwargs)
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
 
-    def counted_fast(*args):
-        calls["speed path"] += 1
-        return fast(*args)
+        return wrapper
 
-    monkeypatch.setattr(F, "batch_norm", counted_native)
-    monkeypatch.setattr(torch_bn_fast.FastBatchNormFunction, "apply", counted_fast)
-    expected = {mod.NO_BN: (0, 0), mod.TORCH: (3, 0), mod.BNLIB: (0, 3), mod.READABLE: (0, 0)}
-    for name, step in mod._steps().items():
-        calls.update(native=0, **{"speed path": 0})
+    monkeypatch.setattr(F, "batch_norm", counted("native", F.batch_norm))
+    for key, cls in (("speed path", torch_bn_fast.FastBatchNormFunction),
+                     ("readable", torch_bn.BatchNormFunctionWithJvp)):
+        monkeypatch.setattr(cls, "apply", counted(key, cls.apply))
+    expected = {mod.NO_BN: (0, 0, 0), mod.TORCH: (3, 0, 0), mod.BNLIB: (0, 3, 0), mod.READABLE: (0, 0, 3)}
+    for name, (step, _) in mod._steps().items():
+        calls.update(dict.fromkeys(calls, 0))
         step()
-        assert (calls["native"], calls["speed path"]) == expected[name], name
+        assert tuple(calls.values()) == expected[name], name
 
 
 def test_steps_train_and_table_reports_every_network():
     mod = _bench()
     threads = torch.get_num_threads()
-    rows = mod.main(quick=True)
+    rows = mod.main(quick=True, number=2, repeats=3)
     assert torch.get_num_threads() == threads
     assert [r["name"] for r in rows] == [mod.NO_BN, mod.TORCH, mod.BNLIB, mod.READABLE]
     by_name = {r["name"]: r for r in rows}
     assert by_name[mod.TORCH]["ratio_to_torch"] == 1.0 and by_name[mod.NO_BN]["bn_share_ms"] == 0.0
+    assert all(r["steps"] == 2 and r["repeats"] == 3 for r in rows)
     assert all(r["ms_per_step"] > 0 for r in rows)
     table = mod.to_markdown(rows)
     assert all(f"| {r['name']} |" in table for r in rows)
