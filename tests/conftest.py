@@ -5,7 +5,9 @@ worker, and hypothesis runs derandomized without an example database: a test's o
 test order, the number of xdist workers, or an earlier run.
 """
 
+import importlib.util
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,20 @@ def seed_everything():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def load_bench():
+    """``load_bench("bench_torch_bn")``: a script of ``bench/`` as a module (the scripts are not a package)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
 
 
 @pytest.fixture(scope="module")

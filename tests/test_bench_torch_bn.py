@@ -1,16 +1,10 @@
 """Smoke test of bench/bench_torch_bn.py on tiny shapes (the real benchmark is manual)."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 
-def test_bench_runs_and_reports_saved_bytes():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_torch_bn.py"
-    spec = importlib.util.spec_from_file_location("bench_torch_bn", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_bench_runs_and_reports_saved_bytes(load_bench):
+    mod = load_bench("bench_torch_bn")
     shape, small = (8, 4, 6, 6), (6, 5)
     threads = torch.get_num_threads()
     rows = mod.main(quick=True, shape=shape, small_shape=small, compiled=False)  # compile: test_torch_bn_compile.py

@@ -1,24 +1,13 @@
 """bench/bench_train_step.py times the networks it names: each step runs the batch norm its row says."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from bnlib import torch_bn, torch_bn_fast
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_train_step.py"
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_each_row_runs_its_own_batch_norm(monkeypatch):
-    mod = _bench()
+def test_each_row_runs_its_own_batch_norm(monkeypatch, load_bench):
+    mod = load_bench("bench_train_step")
     calls = dict.fromkeys(("native", "speed path", "readable"), 0)
 
     def counted(key, fn):
@@ -39,8 +28,8 @@ def test_each_row_runs_its_own_batch_norm(monkeypatch):
         assert tuple(calls.values()) == expected[name], name
 
 
-def test_steps_train_and_table_reports_every_network():
-    mod = _bench()
+def test_steps_train_and_table_reports_every_network(load_bench):
+    mod = load_bench("bench_train_step")
     threads = torch.get_num_threads()
     rows = mod.main(quick=True, number=2, repeats=3)
     assert torch.get_num_threads() == threads

@@ -6,8 +6,6 @@ Expected values come from the readable Function (``torch_bn_fast.disabled()``), 
 from float64.  The other ``tests/test_torch_bn_*.py`` files run all their tests on both paths as well.
 """
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -152,19 +150,11 @@ def test_batched_gradients_equal_one_at_a_time():
             torch.testing.assert_close(g_b[i], g, rtol=1e-12, atol=1e-12)
 
 
-def _bench():
-    """``bench/bench_torch_bn.py`` as a module: its ``input_sized_allocations`` is the counter the appendix prints."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_torch_bn.py"
-    spec = importlib.util.spec_from_file_location("bench_torch_bn", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("shape", [(16, 6), (4, 6, 5, 5)], ids=str)
-def test_speed_path_allocates_five_input_sized_tensors(shape):
+def test_speed_path_allocates_five_input_sized_tensors(shape, load_bench):
     # forward: d = x - mu0 and its square, which y overwrites; backward: x - mu, dy * (x - mu), and dx
-    bench = _bench()
+    # (the bench's counter is the one the appendix prints)
+    bench = load_bench("bench_torch_bn")
     assert bench.input_sized_allocations(tb.batch_norm, shape) == (2, 5)
     fwd_r, total_r = bench.input_sized_allocations(bench.readable_batch_norm, shape)
     assert total_r >= 10, (fwd_r, total_r)  # one per line of the readable Function
