@@ -9,7 +9,8 @@ a batch of 60 per seed, so every BN layer sees a (60, 300) batch), forward, back
   torch.nn.BatchNorm1d         torch's layer
   bnlib BatchNorm1d            ``bnlib.torch_bn.BatchNorm1d``: its speed path in training
   bnlib, readable Function     the same layer with the speed path switched off (``torch_bn_fast.disabled()``)
-Inputs are random binary images and random labels: the time of a step does not depend on the values.
+Inputs are one fixed batch of random binary images and random labels, and every timed round restarts the
+networks from their initial weights, so that every round computes on the same values.
 Candidates are timed interleaved (round-robin) with the calling thread's CPU time (``time.thread_time``) under
 ``torch.set_num_threads(1)`` (the MNIST chapter's setting); medians are reported.  "BN share" is the median over
 rounds of a step's time minus the no-BN step's time in the same round: the three BN layers with everything around
@@ -40,8 +41,8 @@ NO_BN, TORCH, BNLIB, READABLE = ("no BN", "torch.nn.BatchNorm1d", "bnlib BatchNo
 
 
 def _steps() -> dict:
-    """{name: (a function that runs one training step, a function that restores the network's initial state)}
-    for the four networks, on one fixed random batch."""
+    """{name: (a function that runs one training step, a function that restores the network's initial state,
+    the network)} for the four networks, on one fixed random batch."""
     from bnlib import torch_bn, torch_bn_fast
     from bnlib.mnist import figure1_step
     from bnlib.models import BatchedMLP
@@ -67,7 +68,7 @@ def _steps() -> dict:
             else:
                 figure1_step(model, opt, xb, yb, lr)
 
-        return step, reset
+        return step, reset, model
 
     return {NO_BN: make(False, None), TORCH: make(True, torch.nn.BatchNorm1d),
             BNLIB: make(True, torch_bn.BatchNorm1d), READABLE: make(True, torch_bn.BatchNorm1d, readable=True)}
@@ -84,12 +85,12 @@ def main(quick: bool = False, number: int | None = None, repeats: int | None = N
         steps = _steps()
         number = number or (40 if quick else 200)
         repeats = repeats or (7 if quick else 15)
-        for step, _ in steps.values():  # warm-up
+        for step, _, _ in steps.values():  # warm-up
             for _ in range(10):
                 step()
         times = {name: [] for name in steps}
         for _ in range(repeats):
-            for name, (step, reset) in steps.items():
+            for name, (step, reset, _) in steps.items():
                 reset()
                 t0 = time.thread_time()
                 for _ in range(number):
@@ -98,8 +99,8 @@ def main(quick: bool = False, number: int | None = None, repeats: int | None = N
     finally:
         torch.set_num_threads(threads)
     med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    # differences paired by round, so that load that slows one round slows both terms of each difference
-    def paired(name, other):  # median over rounds of name's time minus other's
+
+    def paired(name, other):  # median over rounds of name's time minus other's: load hits both terms alike
         return statistics.median(a - b for a, b in zip(times[name], times[other])) * 1e3
 
     return [{"name": name, "ms_per_step": ms, "ratio_to_torch": ms / med[TORCH], "bn_share_ms": paired(name, NO_BN),

@@ -22,13 +22,25 @@ def test_each_row_runs_its_own_batch_norm(monkeypatch, load_bench):
                      ("readable", torch_bn.BatchNormFunctionWithJvp)):
         monkeypatch.setattr(cls, "apply", counted(key, cls.apply))
     expected = {mod.NO_BN: (0, 0, 0), mod.TORCH: (3, 0, 0), mod.BNLIB: (0, 3, 0), mod.READABLE: (0, 0, 3)}
-    for name, (step, _) in mod._steps().items():
+    for name, (step, _, _) in mod._steps().items():
         calls.update(dict.fromkeys(calls, 0))
         step()
         assert tuple(calls.values()) == expected[name], name
 
 
-def test_steps_train_and_table_reports_every_network(load_bench):
+def test_reset_restores_the_initial_weights_after_training_steps(load_bench):
+    mod = load_bench("bench_train_step")
+    for name, (step, reset, model) in mod._steps().items():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        step()
+        step()
+        assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()), name  # it trains
+        reset()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), (name, k)
+
+
+def test_table_reports_every_network(load_bench):
     mod = load_bench("bench_train_step")
     threads = torch.get_num_threads()
     rows = mod.main(quick=True, number=2, repeats=3)

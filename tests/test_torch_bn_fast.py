@@ -6,7 +6,6 @@ Expected values come from the readable Function (``torch_bn_fast.disabled()``), 
 from float64.  The other ``tests/test_torch_bn_*.py`` files run all their tests on both paths as well.
 """
 
-
 import pytest
 import torch
 import torch.nn.functional as F
