@@ -17,6 +17,9 @@ Rows, for each size:
                              alone, which a Function with ``setup_context`` pays (``function_floor``)
   empty ..., forward(ctx)    the same written with ``forward(ctx, ...)`` and no ``setup_context``, as the speed
                              path is (``function_floor_ctx``)
+  speed path, bare ops       ``FastBatchNormFunction.forward`` then ``.backward`` called as plain functions under
+                             ``torch.no_grad()`` (``speed_path_bare``): the speed path's operations without the
+                             Function around them (no graph, nothing saved by autograd)
   numpy bnlib.numpy_bn       ``batch_norm_forward`` then ``batch_norm_backward``
 fwd+bwd rows time the forward and ``torch.autograd.grad`` of (x, weight, bias); for the small size the
 forward alone is timed too.  Candidates are timed interleaved (round-robin, one sample each per round)
@@ -184,9 +187,37 @@ def function_floor_ctx(input, running_mean, running_var, weight=None, bias=None,
     return _CopyFunctionCtx.apply(input, weight, bias)
 
 
+class _PlainCtx:
+    """What :class:`bnlib.torch_bn_fast.FastBatchNormFunction` uses of autograd's ctx, as a plain object: x, weight
+    and bias need gradients, tensors saved for backward are just kept."""
+
+    needs_input_grad = (True, True, True, False, False, False, False)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def speed_path_bare(x, weight, bias, dy, eps=1e-5, backward=True):
+    """The speed path's operations without ``autograd.Function``: its ``forward`` then ``backward`` called directly.
+
+    x: (N, C, *S); weight, bias: (C,); dy: x's shape.  Returns (y, dx, dgamma, dbeta), or (y,) when
+    ``backward=False``.  No running buffers; no graph is recorded.
+    """
+    from bnlib.torch_bn_fast import FastBatchNormFunction
+
+    ctx = _PlainCtx()
+    with torch.no_grad():  # as inside a Function: forward and (without create_graph) backward run without grad
+        y = FastBatchNormFunction.forward(ctx, x, weight, bias, None, None, 0.1, eps)
+        if not backward:
+            return (y,)
+        dx, dgamma, dbeta = FastBatchNormFunction.backward(ctx, dy)[:3]
+    return y, dx, dgamma, dbeta
+
+
 FLOOR = "empty autograd.Function"
 FLOOR_CTX = "empty autograd.Function, forward(ctx)"
 READABLE = "bnlib readable Function"
+BARE = "speed path, bare ops"
 
 
 def readable_batch_norm(*args, **kwargs):
@@ -239,6 +270,10 @@ def _candidates(shape, compiled: bool):
         cands[name] = (step, forward, saved_bytes_of(forward),
                        compile_s[name] if name.endswith("compiled") else None)
 
+    # the speed path's operations alone: nothing is saved by autograd (saved bytes 0)
+    cands[BARE] = (lambda: speed_path_bare(x, w, b, dy), lambda: speed_path_bare(x, w, b, dy, backward=False), 0,
+                   None)
+    cands[BARE][0]()
     try:  # NumPy row: the public functions of the NumPy chapters' module
         from bnlib.numpy_bn import batch_norm_backward, batch_norm_forward
 
