@@ -32,7 +32,8 @@ far less sensitive to other processes.  ratio = median / native median of the sa
 
 Usage: ``python bench/bench_torch_bn.py [--quick]``; ``main(quick=False)`` returns the rows as a list of
 dicts with keys name, shape, median_ms, gb_per_s, ratio (wall), cpu_ms_1thread, cpu_ratio_1thread,
-saved_bytes, threads, repeats (and compile_s for compiled rows).  The first rows are the big size's
+cpu_ms_rounds (the CPU-time sample of every round, so that rows of one size and pass can be compared round by
+round), saved_bytes, threads, repeats (and compile_s for compiled rows).  The first rows are the big size's
 fwd+bwd rows, in the order above; names of the small size's rows end in " (60, 300)".
 """
 
@@ -334,6 +335,7 @@ def _measure(shape, quick: bool, compiled: bool, passes: tuple[str, ...], suffix
                 "ratio": med / native,
                 "cpu_ms_1thread": med_cpu * 1e3,
                 "cpu_ratio_1thread": med_cpu / native_cpu,
+                "cpu_ms_rounds": [t * 1e3 for t in cpu[name]],  # one sample per round, same rounds for every row
                 "saved_bytes": saved,
                 "threads": threads,
                 "repeats": repeats,

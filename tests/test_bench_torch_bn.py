@@ -1,5 +1,7 @@
 """Smoke test of bench/bench_torch_bn.py on tiny shapes (the real benchmark is manual)."""
 
+import statistics
+
 import torch
 
 
@@ -49,3 +51,7 @@ def test_bare_row_is_in_the_table(load_bench):
     bare = {r["name"]: r for r in rows if r["name"].startswith(mod.BARE)}
     assert set(bare) == {f"{mod.BARE} fwd+bwd", f"{mod.BARE} fwd+bwd (6, 5)", f"{mod.BARE} fwd (6, 5)"}
     assert all(r["saved_bytes"] == 0 and r["median_ms"] > 0 for r in bare.values())
+    # every row keeps one CPU-time sample per round, so rows can be compared round by round
+    assert all(len(r["cpu_ms_rounds"]) == r["repeats"] and min(r["cpu_ms_rounds"]) > 0 for r in rows)
+    for r in rows:  # the row's median is the median of its rounds
+        assert abs(statistics.median(r["cpu_ms_rounds"]) - r["cpu_ms_1thread"]) <= 1e-9 * r["cpu_ms_1thread"], r
