@@ -308,7 +308,7 @@ def _interleaved(fns: dict, repeats: int, number: int, clock) -> dict[str, list[
 def _measure(shape, quick: bool, compiled: bool, passes: tuple[str, ...], suffix: str = "") -> list[dict]:
     nbytes, cands = _candidates(shape, compiled)
     big = nbytes > 1 << 20
-    repeats = (5 if quick else 15) if big else (7 if quick else 21)
+    repeats = (5 if quick else 15) if big else 21  # small rounds are cheap: as many in quick mode
     # calls per sample: about 5 ms for a small batch (timer resolution, noise)
     t0 = time.perf_counter()
     cands["native F.batch_norm"][0]()

@@ -15,11 +15,14 @@ algorithm and the same backward formula, and differs only in how the work is spe
   without it the call itself is cheaper (``bench/bench_torch_bn.py`` times both forms of an empty Function).
   torch.func needs ``setup_context``, so it gets the readable Function: see :func:`use_fast_path`.
 * fewer passes over the big tensor, in memory it has just created: y = d * k + shift is one ``addcmul``
-  written over d's square once its mean is taken, and the backward's dx is one ``addcmul`` on a fresh tensor
+  written over d's square once it is summed, and the backward's dx is one ``addcmul`` on a fresh tensor
   that the next two lines update in place, so that a forward and backward pass allocate five input-sized
   tensors instead of fourteen;
 * per-channel factors folded together before they touch the big tensor (``k = gamma * inv_std``), and
   kept as (C,) vectors, which broadcast against an (N, C) input without a view;
+* sums instead of means, with each 1/m folded into the operation that uses it (``alpha=``, ``value=``), because
+  on a small batch a sum is a cheaper call than a mean; an (N, C) input is reduced over the int ``0``, which is
+  cheaper to pass than a list (``bench/bench_torch_bn.py`` times the speed path against the native kernel);
 * the running statistics updated inside ``forward``, so that the Function has one output instead of three.
 
 Same math: the corrected two-pass variance of :func:`bnlib.torch_bn._batch_stats` (mean, then the mean of
@@ -84,17 +87,18 @@ class FastBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        dims, m, c = _channel_dims(x), x.numel() // x.shape[1], _broadcast(x)
-        mu0 = x.mean(dims)
-        d = x - c(mu0)
-        d_mean = d.mean(dims)  # the rounding error of mu0 (corrected two-pass)
+        dims, m, c = _sum_dims(x), x.numel() // x.shape[1], _broadcast(x)
+        # sums, with the 1/m of each mean folded into the next operation (a sum is cheaper than a mean)
+        x_sum = x.sum(dims)
+        d = torch.sub(x, c(x_sum), alpha=1 / m)  # x - mu0, mu0 = x_sum / m
+        d_sum = d.sum(dims)  # m * the rounding error of mu0 (corrected two-pass)
         d2 = d * d  # its memory receives y below
-        var = d2.mean(dims).addcmul_(d_mean, d_mean, value=-1)
+        var = d2.sum(dims).addcmul_(d_sum, d_sum, value=-1 / m).div_(m)  # mean(d^2) - mean(d)^2
         inv_std = var.add(eps).rsqrt_()
         k = inv_std if weight is None else inv_std * weight  # gamma * inv_std
-        shift = -d_mean * k if bias is None else torch.addcmul(bias, d_mean, k, value=-1)
-        y = torch.addcmul(c(shift), d, c(k), out=d2)  # (x - mu0 - d_mean) * inv_std * gamma + beta
-        mu = mu0.add_(d_mean)
+        shift = d_sum.mul(k).mul_(-1 / m) if bias is None else torch.addcmul(bias, d_sum, k, value=-1 / m)
+        y = torch.addcmul(c(shift), d, c(k), out=d2)  # (x - mu0 - d_sum/m) * inv_std * gamma + beta
+        mu = x_sum.add_(d_sum).div_(m)  # mu0 + d_sum/m
         if running_mean is not None:
             try:
                 running_mean.lerp_(mu, momentum)
@@ -110,7 +114,7 @@ class FastBatchNormFunction(torch.autograd.Function):
         x, weight, mu, inv_std, k = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the readable backward is twice differentiable
             return BatchNormFunction.backward(_ReadableCtx(ctx, x, weight), dy, None, None)
-        dims, m, c = _channel_dims(x), x.numel() // x.shape[1], _broadcast(x)
+        dims, m, c = _sum_dims(x), x.numel() // x.shape[1], _broadcast(x)
         x_centered = x - c(mu)  # x_hat / inv_std
         dbeta = dy.sum(dims)
         dgamma = (dy * x_centered).sum(dims).mul_(inv_std)
@@ -121,6 +125,12 @@ class FastBatchNormFunction(torch.autograd.Function):
             dx = torch.addcmul(dy, x_centered, c(dgamma * inv_std), value=-1 / m)
             dx = dx.add_(c(dbeta), alpha=-1 / m).mul_(c(k))
         return (dx, dgamma if need_gamma else None, dbeta if need_beta else None, None, None, None, None)
+
+
+def _sum_dims(x: Tensor):
+    """The dims a statistic is taken over: the int 0 for an (N, C) input (cheaper to dispatch than a list), else
+    :func:`bnlib.torch_bn._channel_dims`."""
+    return 0 if x.dim() == 2 else _channel_dims(x)
 
 
 def _broadcast(x: Tensor):
